@@ -1,0 +1,28 @@
+# comfy-service: `make run` starts the service locally, `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.stamp
+PYTEST_ARGS ?=
+
+.PHONY: install run sim test clean
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m comfyui_sim --port $${COMFYUI_SIM_PORT:-8188}
+
+sim: $(STAMP)
+	$(PY) -m comfyui_sim --port $${COMFYUI_SIM_PORT:-8188}
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

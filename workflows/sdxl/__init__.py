@@ -1,0 +1,2 @@
+TITLE = "SDXL text to image"
+DESCRIPTION = "A plain SDXL text-to-image graph with ComfyUI's core nodes: one image per job."
