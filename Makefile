@@ -16,7 +16,7 @@ $(STAMP): requirements.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m comfyui_sim --port $${COMFYUI_SIM_PORT:-8188}
+	$(PY) -m deploy.devstack
 
 sim: $(STAMP)
 	$(PY) -m comfyui_sim --port $${COMFYUI_SIM_PORT:-8188}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,32 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"the shared protocol material is not beside the repo ({SHARED})")
     return SHARED
+
+
+@pytest.fixture
+def fleet_factory(tmp_path, request):
+    """Build a test fleet: `fleet = fleet_factory()`, then add_sim/add_worker/start_api."""
+    from tests.support.fleet import Fleet
+
+    fleets = []
+
+    def make(**extra_env) -> "Fleet":
+        fleet = Fleet(workdir=tmp_path / f"fleet{len(fleets)}",
+                      redis=RedisServer(port=free_port(), workdir=tmp_path).start(), extra_env=extra_env)
+        fleet.workdir.mkdir(parents=True, exist_ok=True)
+        fleets.append(fleet)
+        return fleet
+
+    yield make
+    report = getattr(request.node, "rep_call", None)
+    for fleet in fleets:
+        if report is not None and report.failed:  # show every process's log tail beside the failure
+            sys.__stderr__.write(f"\n---- fleet logs of {request.node.nodeid}\n{fleet.logs()}\n")
+        fleet.stop()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)

@@ -1,0 +1,45 @@
+"""The comfy-service HTTP API (Flask)."""
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, jsonify
+from kombu.exceptions import OperationalError
+
+from app import errors
+from app.errors import error_response
+from app.openapi import openapi_document
+from app.routes import api, probes
+from app.services import Services
+from common.settings import Settings, get_settings
+
+log = logging.getLogger("comfy.api")
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
+    settings = settings or get_settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["comfy"] = services or Services.build(settings)
+    errors.install(app)
+
+    @app.errorhandler(redis.RedisError)
+    @app.errorhandler(OperationalError)
+    def _broker_down(exc):
+        log.error("broker unavailable: %s", exc)
+        response = error_response(503, "broker_unavailable", "the job broker (Redis) is unavailable; retry later",
+                                  {"reason": type(exc).__name__})
+        response.headers["Retry-After"] = "5"
+        return response
+
+    app.register_blueprint(api, url_prefix="/api/v1")
+    app.register_blueprint(probes)
+    document = openapi_document(app.extensions["comfy"].catalog)
+
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(document)
+
+    return app

@@ -1,0 +1,49 @@
+"""The parts one API process talks to, made once at start-up."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import redis
+from celery import Celery
+
+from common.registry import Registry
+from common.settings import Settings
+from common.storage import Storage, make_storage
+from common.task_store import TaskStore, task_key
+from workers.celery_app import make_celery
+from workflows.catalog import Workflow, load_catalog
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    store: TaskStore
+    registry: Registry
+    storage: Storage
+    celery: Celery
+    catalog: dict[str, Workflow]
+
+    @classmethod
+    def build(cls, settings: Settings) -> "Services":
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
+                                      health_check_interval=30)
+        return cls(settings=settings, redis=client, store=TaskStore(client, settings.result_ttl),
+                   registry=Registry(client, settings.heartbeat_ttl), storage=make_storage(settings),
+                   celery=make_celery(settings), catalog=load_catalog())
+
+    def read_task(self, task_id: str) -> tuple[dict | None, dict | None]:
+        """The record and the live progress the worker last wrote: one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(task_key(task_id))
+        pipe.get(self.celery.backend.get_key_for_task(task_id))
+        raw_record, raw_meta = pipe.execute()
+        record = {k.decode(): json.loads(v) for k, v in raw_record.items()} if raw_record else None
+        progress = None
+        if raw_meta:
+            meta = json.loads(raw_meta)
+            result = meta.get("result")
+            if meta.get("status") == "PROGRESS" and isinstance(result, dict):
+                progress = result.get("progress")
+        return record, progress

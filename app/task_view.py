@@ -1,0 +1,46 @@
+"""The task document callers see, assembled from the record and live progress (pure)."""
+from __future__ import annotations
+
+from common.task_store import QUEUED, RUNNING, SUCCEEDED
+
+API = "/api/v1"
+
+
+def image_url(task_id: str, index: int, public_url: str = "") -> str:
+    return f"{public_url.rstrip('/')}{API}/tasks/{task_id}/images/{index}"
+
+
+def task_document(record: dict, live_progress: dict | None, queue_position: int | None,
+                  public_url: str = "") -> dict:
+    status = record["status"]
+    task_id = record["task_id"]
+    if status == RUNNING:
+        progress = live_progress or {"percent": 0.0, "node": None, "step": 0, "max": 0}
+    elif status == SUCCEEDED:
+        progress = record.get("progress") or {"percent": 100.0, "node": None, "step": 0, "max": 0}
+    elif status == QUEUED:
+        progress = {"percent": 0.0, "node": None, "step": 0, "max": 0}
+    else:
+        progress = live_progress or record.get("progress")
+    result = None
+    if status == SUCCEEDED and record.get("result") is not None:
+        result = {"images": [
+            {"url": image_url(task_id, index, public_url), "content_type": image["content_type"],
+             "width": image.get("width"), "height": image.get("height"), "size": image.get("size")}
+            for index, image in enumerate(record["result"].get("images", []))
+        ]}
+    return {
+        "task_id": task_id,
+        "status": status,
+        "workflow": record["workflow"],
+        "gpu": record.get("gpu"),
+        "queue_position": queue_position if status == QUEUED else None,
+        "progress": progress,
+        "params": record["params"],
+        "created_at": record["created_at"],
+        "started_at": record.get("started_at"),
+        "finished_at": record.get("finished_at"),
+        "cancel_requested": bool(record.get("cancel_requested", False)),
+        "result": result,
+        "error": record.get("error"),
+    }

@@ -1,0 +1,108 @@
+"""Faults on demand (POST /sim/faults) and the busy/idle record (GET /sim/record).
+
+Neither exists in ComfyUI; they let tests break the "GPU server" on purpose and let
+benchmarks measure how busy it was kept.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class FaultState:
+    fail_at_step: int | None = None          # every stepping node raises at this step
+    stall: bool = False                      # the running node freezes (HTTP keeps answering)
+    speed: float = 1.0                       # GPU speed factor for sampler steps
+    drop_websockets_at_step: int | None = None   # one-shot
+    crash_at_step: int | None = None             # one-shot
+
+    def public(self) -> dict:
+        return asdict(self)
+
+
+# key -> (accepted types, allows null)
+_FIELDS = {
+    "fail_at_step": (int, True),
+    "stall": (bool, False),
+    "speed": ((int, float), False),
+    "drop_websockets_at_step": (int, True),
+    "crash_at_step": (int, True),
+}
+_ACTIONS = {"drop_websockets", "crash", "reset"}
+
+
+def parse_request(body) -> tuple[dict, list[str]]:
+    """Check a /sim/faults body; returns (changes, problems)."""
+    if not isinstance(body, dict):
+        return {}, ["the body must be a JSON object"]
+    problems = []
+    for key, value in body.items():
+        if key in _ACTIONS:
+            if not isinstance(value, bool):
+                problems.append(f"{key} must be true or false")
+            continue
+        if key not in _FIELDS:
+            problems.append(f"unknown fault {key!r}")
+            continue
+        types, nullable = _FIELDS[key]
+        if value is None and nullable:
+            continue
+        if isinstance(value, bool) and types is not bool or not isinstance(value, types):
+            problems.append(f"{key} has the wrong type")
+        elif key == "speed" and value <= 0:
+            problems.append("speed must be > 0")
+    return body if not problems else {}, problems
+
+
+class Faults:
+    def __init__(self, baseline: FaultState) -> None:
+        self._baseline = baseline
+        self.state = FaultState(**asdict(baseline))
+        self.resumed = asyncio.Event()
+        self.resumed.set()
+
+    def apply(self, changes: dict) -> None:
+        if changes.get("reset"):
+            self.state = FaultState(**asdict(self._baseline))
+        for key in _FIELDS:
+            if key in changes:
+                value = changes[key]
+                setattr(self.state, key, float(value) if key == "speed" else value)
+        if self.state.stall:
+            self.resumed.clear()
+        else:
+            self.resumed.set()
+
+    def take_step_trigger(self, name: str, step: int) -> bool:
+        """True once when a one-shot step fault fires."""
+        if getattr(self.state, name) == step:
+            setattr(self.state, name, None)
+            return True
+        return False
+
+
+@dataclass
+class Record:
+    """What benchmarks read: when the GPU was busy, and what was cancelled."""
+    busy: list = field(default_factory=list)
+    deleted: list = field(default_factory=list)
+    interrupts: list = field(default_factory=list)
+    submitted: list = field(default_factory=list)
+    running: dict | None = None
+
+    def started(self, prompt_id: str, start: float) -> None:
+        self.running = {"prompt_id": prompt_id, "start": start}
+
+    def ended(self, prompt_id: str, start: float, end: float, outcome: str) -> None:
+        self.running = None
+        self.busy.append({"prompt_id": prompt_id, "start": start, "end": end, "outcome": outcome})
+
+    def interrupt(self, requested: str | None, interrupted: str | None) -> None:
+        self.interrupts.append({"t": time.time(), "requested_prompt_id": requested,
+                                "interrupted_prompt_id": interrupted})
+
+    def public(self) -> dict:
+        return {"busy": self.busy, "deleted": self.deleted, "interrupts": self.interrupts,
+                "submitted": self.submitted, "running": self.running}

@@ -1,0 +1,66 @@
+"""Every setting of comfy-service, read from environment variables (the README lists them)."""
+from __future__ import annotations
+
+import socket
+from functools import cache
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # Where jobs and their state live. `make run` starts a private Redis when this is unset.
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+
+    # The API.
+    api_host: str = Field("127.0.0.1", validation_alias="API_HOST")
+    api_port: int = Field(8080, validation_alias="API_PORT")
+    public_url: str = Field("", validation_alias="PUBLIC_URL", description="Prefix for absolute image URLs.")
+    max_body_bytes: int = Field(1_048_576, validation_alias="MAX_BODY_BYTES")
+
+    # A worker: the one ComfyUI it drives and the GPU queue it consumes.
+    comfyui_url: str = Field("http://127.0.0.1:8188", validation_alias="COMFYUI_URL")
+    worker_host: str = Field(default_factory=socket.gethostname, validation_alias="WORKER_HOST")
+    gpu_index: int = Field(0, validation_alias="GPU_INDEX")
+    gpu_queue: str = Field("", validation_alias="GPU_QUEUE", description="Default gpu.<host>.<index>.")
+    # Prompts a worker keeps inside ComfyUI at once: the running one plus the next, so the GPU
+    # never waits for the service between jobs.
+    worker_concurrency: int = Field(2, ge=1, le=8, validation_alias="WORKER_CONCURRENCY")
+    heartbeat_interval: float = Field(2.0, gt=0, validation_alias="HEARTBEAT_INTERVAL")
+    heartbeat_ttl: float = Field(10.0, gt=0, validation_alias="HEARTBEAT_TTL")
+
+    # Jobs.
+    job_timeout: float = Field(3600.0, gt=0, validation_alias="JOB_TIMEOUT", description="Longest run on ComfyUI.")
+    # Must exceed the longest job, or Redis redelivers a running job (Celery's known trap).
+    visibility_timeout: float = Field(4 * 3600.0, gt=0, validation_alias="VISIBILITY_TIMEOUT")
+    result_ttl: int = Field(7 * 24 * 3600, gt=0, validation_alias="RESULT_TTL", description="Task records expire.")
+    progress_interval: float = Field(0.2, ge=0, validation_alias="PROGRESS_INTERVAL")
+    comfyui_timeout: float = Field(10.0, gt=0, validation_alias="COMFYUI_TIMEOUT", description="Per HTTP call.")
+
+    # Output files.
+    storage_backend: str = Field("local", validation_alias="STORAGE_BACKEND")
+    storage_dir: str = Field("var/outputs", validation_alias="STORAGE_DIR")
+    s3_bucket: str = Field("", validation_alias="S3_BUCKET")
+    s3_prefix: str = Field("comfy-service/", validation_alias="S3_PREFIX")
+    s3_endpoint_url: str = Field("", validation_alias="S3_ENDPOINT_URL")
+    s3_region: str = Field("us-east-1", validation_alias="S3_REGION")
+
+    log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
+
+    @field_validator("storage_backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in ("local", "s3"):
+            raise ValueError("STORAGE_BACKEND must be 'local' or 's3'")
+        return value
+
+    @property
+    def queue_name(self) -> str:
+        return self.gpu_queue or f"gpu.{self.worker_host}.{self.gpu_index}"
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()

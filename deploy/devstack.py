@@ -1,0 +1,142 @@
+"""`make run`: the whole service on this machine, stopped cleanly by Ctrl-C.
+
+- Redis: REDIS_URL if set, else a private redis-server started here (var/redis).
+- ComfyUI: COMFYUI_URLS (comma-separated) if set, else two ComfyUI SIMULATORS (no GPU, no
+  models: labelled pictures), on ports 8188 and 8189.
+- One Celery worker per ComfyUI, each on its own GPU queue gpu.<host>.<n>.
+- The API under gunicorn on API_HOST:API_PORT (default http://127.0.0.1:8080).
+- Flower on http://127.0.0.1:5555.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+VAR = REPO / "var"
+BANNER = "=" * 72
+
+
+def say(message: str) -> None:
+    print(f"[devstack] {message}", flush=True)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def free_port_from(start: int) -> int:
+    port = start
+    while not port_free(port):
+        port += 1
+    return port
+
+
+def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}; see its log under var/logs/")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise SystemExit(f"{what} did not answer on {url} within {timeout:.0f}s")
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        (VAR / "logs").mkdir(parents=True, exist_ok=True)
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None, log: bool = True) -> subprocess.Popen:
+        out = open(VAR / "logs" / f"{name}.log", "ab") if log else None
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for name, proc in reversed(self.procs):
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        say("stopped")
+
+
+def main() -> int:
+    stack = Stack()
+    env: dict[str, str] = {}
+    try:
+        redis_url = os.environ.get("REDIS_URL")
+        if not redis_url:
+            exe = shutil.which("redis-server")
+            if exe is None:
+                raise SystemExit("REDIS_URL is unset and redis-server is not on PATH: install Redis or set REDIS_URL")
+            port = free_port_from(6380)
+            (VAR / "redis").mkdir(parents=True, exist_ok=True)
+            stack.spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(VAR / "redis"),
+                                  "--appendonly", "yes", "--save", ""])
+            redis_url = f"redis://127.0.0.1:{port}/0"
+            say(f"started a private Redis at {redis_url} (data in var/redis)")
+        env["REDIS_URL"] = redis_url
+
+        urls = [u.strip() for u in os.environ.get("COMFYUI_URLS", "").split(",") if u.strip()]
+        if not urls:
+            print(BANNER, flush=True)
+            say("COMFYUI_URLS is unset: starting two ComfyUI SIMULATORS (no GPU, no models, labelled pictures).")
+            say("Set COMFYUI_URLS=http://127.0.0.1:8188 to drive a real ComfyUI instead.")
+            print(BANNER, flush=True)
+            for index in range(2):
+                port = free_port_from(8188 + index)
+                sim = stack.spawn(f"comfyui-sim-{index}", [sys.executable, "-m", "comfyui_sim", "--port", str(port),
+                                                           "--output-dir", str(VAR / f"sim-{index}"),
+                                                           "--gpu-name", f"Simulated GPU {index}"])
+                urls.append(f"http://127.0.0.1:{port}")
+                wait_http(urls[-1] + "/system_stats", sim, f"simulator {index}")
+        host = socket.gethostname()
+        for index, url in enumerate(urls):
+            queue = f"gpu.{host}.{index}"
+            stack.spawn(f"worker-{index}", [sys.executable, "-m", "workers"],
+                        {**env, "COMFYUI_URL": url, "GPU_INDEX": str(index), "GPU_QUEUE": queue})
+            say(f"worker {queue} drives ComfyUI at {url}")
+
+        api_host, api_port = os.environ.get("API_HOST", "127.0.0.1"), os.environ.get("API_PORT", "8080")
+        api = stack.spawn("api", [sys.executable, "-m", "gunicorn", "app.wsgi:app", "-b", f"{api_host}:{api_port}",
+                                  "-k", "gthread", "--threads", "16", "-w", os.environ.get("API_WORKERS", "2"),
+                                  "--no-control-socket"], env)
+        flower_port = os.environ.get("FLOWER_PORT", "5555")
+        stack.spawn("flower", [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
+                               "--address=127.0.0.1", f"--port={flower_port}"], env)
+        wait_http(f"http://{api_host}:{api_port}/healthz", api, "the API")
+        say(f"API     http://{api_host}:{api_port}   (OpenAPI at /openapi.json)")
+        say(f"Flower  http://127.0.0.1:{flower_port}")
+        say("logs in var/logs/; Ctrl-C stops everything")
+        while all(proc.poll() is None for _, proc in stack.procs):
+            time.sleep(0.5)
+        dead = [name for name, proc in stack.procs if proc.poll() is not None]
+        say(f"{', '.join(dead)} exited; stopping the rest (see var/logs/)")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

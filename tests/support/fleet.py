@@ -1,0 +1,123 @@
+"""A whole comfy-service on loopback for tests: Redis, simulators, one worker each, the API.
+
+Everything is a real process; the API runs under gunicorn like in production.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+import requests
+
+from tests.support.procs import REPO, RedisServer, SimProcess, free_port, wait_until
+
+
+@dataclass
+class Proc:
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "Proc":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if not self.alive():
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        except ProcessLookupError:
+            pass
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Fleet:
+    workdir: Path
+    redis: RedisServer
+    sims: list[SimProcess] = field(default_factory=list)
+    workers: list[Proc] = field(default_factory=list)
+    api: Proc | None = None
+    api_port: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def env(self) -> dict[str, str]:
+        return {"REDIS_URL": self.redis.url, "STORAGE_DIR": str(self.workdir / "outputs"),
+                "HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "3", "PROGRESS_INTERVAL": "0.05",
+                "LOG_LEVEL": "INFO", **self.extra_env}
+
+    def add_sim(self, *args: str) -> SimProcess:
+        sim = SimProcess(port=free_port(), args=list(args), workdir=self.workdir).start()
+        self.sims.append(sim)
+        return sim
+
+    def add_worker(self, sim: SimProcess, queue: str | None = None, **env: str) -> Proc:
+        index = len(self.workers)
+        queue = queue or f"gpu.test.{index}"
+        worker = Proc(f"worker-{index}", [sys.executable, "-m", "workers"],
+                      {**self.env(), "COMFYUI_URL": sim.url, "GPU_QUEUE": queue, "GPU_INDEX": str(index), **env},
+                      self.workdir / f"worker-{index}.log").start()
+        worker.queue = queue
+        self.workers.append(worker)
+        return worker
+
+    def wait_workers(self, count: int | None = None, timeout: float = 30.0) -> None:
+        count = len(self.workers) if count is None else count
+        client = redis.Redis.from_url(self.redis.url)
+
+        def ready():
+            for w in self.workers:
+                if not w.alive():
+                    raise RuntimeError(f"{w.name} exited:\n{w.output()[-3000:]}")
+            return len(client.zrangebyscore("cs:workers", "-inf", "+inf")) >= count
+        wait_until(ready, timeout, what=f"{count} worker heartbeats")
+
+    def start_api(self) -> Proc:
+        self.api_port = self.api_port or free_port()
+        self.api = Proc("api", [sys.executable, "-m", "gunicorn", "app.wsgi:app", "-b", f"127.0.0.1:{self.api_port}",
+                                "-k", "gthread", "--threads", "8", "-w", "1", "--graceful-timeout", "2", "--no-control-socket"],
+                        self.env(), self.workdir / "api.log").start()
+
+        def up():
+            if not self.api.alive():
+                raise RuntimeError(f"API exited:\n{self.api.output()[-3000:]}")
+            return requests.get(self.url + "/healthz", timeout=1).status_code == 200
+        wait_until(up, 20, what="API /healthz")
+        return self.api
+
+    def stop(self) -> None:
+        if self.api:
+            self.api.stop()
+        for worker in self.workers:
+            worker.stop(signal.SIGKILL)
+        for sim in self.sims:
+            sim.kill()
+        self.redis.stop()
+
+    def logs(self) -> str:
+        parts = [f"==== {p.name}\n{p.output()[-4000:]}" for p in [*self.workers, *( [self.api] if self.api else [])]]
+        parts += [f"==== sim {s.port}\n{s.output()[-2000:]}" for s in self.sims]
+        return "\n".join(parts)

@@ -1,0 +1,25 @@
+"""`python -m workers`: one Celery worker for this machine's GPU queue (see README, settings).
+
+The same as `celery -A workers.celery_app worker -Q <GPU_QUEUE> --pool threads
+--concurrency <WORKER_CONCURRENCY> -E`: threads, so the worker answers control commands and
+keeps the next prompt queued in ComfyUI while one runs.
+"""
+from __future__ import annotations
+
+import sys
+
+from common.settings import get_settings
+from workers.celery_app import app
+
+
+def main(argv: list[str]) -> None:
+    settings = get_settings()
+    queue = settings.queue_name
+    app.worker_main([
+        "worker", "-Q", queue, "-n", f"{queue}@%h", "--pool", "threads",
+        "--concurrency", str(settings.worker_concurrency), "-E", "--loglevel", settings.log_level, *argv,
+    ])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""ComfyUI boundary client (implementation package). Import from `workers.comfy_client`."""
