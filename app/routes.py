@@ -1,23 +1,27 @@
 """HTTP routes under /api/v1, plus /healthz and /readyz."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import ValidationError
 
-from app.dispatch import choose_queue
 from app.errors import ServiceError, field_errors
 from app.task_view import API, task_document
 from common.task_store import CANCELLED, QUEUED, RUNNING, TERMINAL, now_iso
-from workers.celery_app import RUN_WORKFLOW
+from common.dispatch import JobSpec, choose
+from common.jobs import send
 from workflows.render import render, resolve_seed
 
 api = Blueprint("api", __name__)
 probes = Blueprint("probes", __name__)
 
 DEFAULT_WORKFLOW = "storydiffusion"
+# Fields of the body that steer the service rather than the workflow.
+PIN_FIELDS = ("gpu", "host")
+PIN_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 CANCEL_WAIT_SECONDS = 3.0
 
 
@@ -58,9 +62,15 @@ def generate():
     svc = services()
     body = _json_body()
     name = body.pop("workflow", DEFAULT_WORKFLOW)
+    pin = {key: body.pop(key) for key in PIN_FIELDS if key in body}
     if not isinstance(name, str) or name not in svc.catalog:
         raise ServiceError(422, "unknown_workflow", f"no workflow named {name!r}",
                            {"field": "workflow", "available": sorted(svc.catalog)})
+    for key, value in pin.items():
+        if not isinstance(value, str) or not PIN_PATTERN.match(value):
+            raise ServiceError(422, "invalid_parameters", f"{key}: must be a GPU queue or host name",
+                               {"errors": [{"field": key, "message": "must match " + PIN_PATTERN.pattern,
+                                            "type": "pattern"}]})
     workflow = svc.catalog[name]
     try:
         params = resolve_seed(workflow.parse(body))
@@ -71,21 +81,19 @@ def generate():
     task_id = str(uuid.uuid4())
     rendered = render(workflow, params, output_prefix=f"cs_{task_id}")
 
-    queue = choose_queue(svc.registry.alive())
+    job = JobSpec(workflow=name, cost=rendered.cost, checkpoint=rendered.checkpoint, **pin)
+    queue = choose(svc.registry.alive(), job)
     if queue is None:
-        raise ServiceError(503, "no_worker", "no healthy GPU worker is available for this workflow",
-                           {"workflow": name}, headers={"Retry-After": "5"})
+        code, message = ("gpu_unavailable", f"no healthy GPU matches {pin}") if pin else (
+            "no_worker", "no healthy GPU worker is available for this workflow")
+        raise ServiceError(503, code, message, {"workflow": name, **pin}, headers={"Retry-After": "5"})
     record = {
         "task_id": task_id, "status": QUEUED, "workflow": name, "queue": queue, "params": rendered.params,
         "created_at": now_iso(), "expected_images": rendered.expected_images, "cancel_requested": False,
+        "cost": rendered.cost, "checkpoint": rendered.checkpoint, "pin": pin, "attempts": 0, "attempt_log": [],
     }
-    svc.store.create(record, enqueued_at_ms=time.time() * 1000)
-    svc.celery.send_task(
-        RUN_WORKFLOW, args=[task_id, rendered.api, rendered.ui], task_id=task_id, queue=queue,
-        # Flower shows this instead of the multi-KB graphs.
-        argsrepr=f"[{task_id!r}, <{name} graph>, <ui graph>]",
-        kwargsrepr=repr({"workflow": name, "seed": rendered.params.get("seed")}),
-    )
+    svc.store.create(record, payload={"graph": rendered.api, "ui": rendered.ui})
+    send(svc.celery, task_id, queue, record)
     response = jsonify(_document(task_id))
     response.status_code = 202
     response.headers["Location"] = f"{API}/tasks/{task_id}"
@@ -109,8 +117,8 @@ def cancel_task(task_id: str):
                            {"task_id": task_id, "status": record["status"]})
     if record["status"] == QUEUED:
         # Still in Celery: mark it cancelled; the worker that takes the message drops it unrun.
-        applied, _ = svc.store.transition(task_id, allowed=(QUEUED,), dequeue=True, queue=record["queue"],
-                                          status=CANCELLED, finished_at=now_iso(), cancel_requested=True)
+        applied, _ = svc.store.transition(task_id, allowed=(QUEUED,), status=CANCELLED, finished_at=now_iso(),
+                                          cancel_requested=True)
         if applied:
             return jsonify(_document(task_id))
     # Submitted to ComfyUI: its worker deletes it from ComfyUI's queue or interrupts it.

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(2, ge=1, le=8, validation_alias="WORKER_CONCURRENCY")
     heartbeat_interval: float = Field(2.0, gt=0, validation_alias="HEARTBEAT_INTERVAL")
     heartbeat_ttl: float = Field(10.0, gt=0, validation_alias="HEARTBEAT_TTL")
+    # Failover: how often one job may be started (a worker crash or a lost ComfyUI counts).
+    max_attempts: int = Field(3, ge=1, le=20, validation_alias="MAX_ATTEMPTS")
+    comfyui_unreachable_deadline: float = Field(60.0, gt=0, validation_alias="COMFYUI_UNREACHABLE_DEADLINE")
+    comfyui_stall_timeout: float = Field(60.0, gt=0, validation_alias="COMFYUI_STALL_TIMEOUT")
 
     # Jobs.
     job_timeout: float = Field(3600.0, gt=0, validation_alias="JOB_TIMEOUT", description="Longest run on ComfyUI.")

@@ -1,7 +1,8 @@
 """Where output files live: a local directory (default) or S3-compatible object storage.
 
-Keys are made by the service (`<task id>/<index>.<ext>`), never taken from a caller or
-from ComfyUI's file names, so no path built from input can leave the store.
+Keys are made by the service (`<task id>/<attempt>_<index>.<ext>`), never taken from a
+caller or from ComfyUI's file names, so no path built from input can leave the store; the
+attempt number keeps a second run of a job from overwriting the files of the first.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from common.settings import Settings
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif",
               "video/mp4": "mp4", "video/webm": "webm", "audio/flac": "flac", "audio/wav": "wav"}
-_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}/[0-9]{1,6}\.[a-z0-9]{1,5}$")
+_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}/[0-9]{1,3}_[0-9]{1,6}\.[a-z0-9]{1,5}$")
 
 
-def make_key(task_id: str, index: int, content_type: str) -> str:
-    key = f"{task_id}/{index}.{EXTENSIONS.get(content_type, 'bin')}"
+def make_key(task_id: str, index: int, content_type: str, attempt: int = 1) -> str:
+    key = f"{task_id}/{attempt}_{index}.{EXTENSIONS.get(content_type, 'bin')}"
     if not _KEY.match(key):
         raise ValueError(f"refusing to build a storage key from {task_id!r}")
     return key
@@ -54,7 +55,7 @@ class LocalStorage:
 
     def delete_prefix(self, task_id: str) -> None:
         folder = self.root / task_id
-        if _KEY.match(f"{task_id}/0.png") and folder.is_dir():
+        if _KEY.match(f"{task_id}/1_0.png") and folder.is_dir():
             for item in folder.iterdir():
                 item.unlink()
             folder.rmdir()

@@ -167,7 +167,8 @@ def test_urls_and_error_bodies():
                 if e.get("dir") == "http" and e.get("status") == 400)["body"]
     err = ComfyValidationError(body["error"], body["node_errors"], prompt_id="p1")
     d = err.to_dict()
-    assert d["source"] == "comfyui" and d["code"] == "validation_error" and d["retryable"] is False
+    assert set(d) == {"source", "code", "message", "details"}
+    assert d["source"] == "comfyui" and d["code"] == "validation_error" and err.retryable is False
     assert d["details"]["node_errors"] == body["node_errors"] and d["details"]["prompt_id"] == "p1"
     assert "node 1 (SlowSteps): Required input is missing: steps" in d["message"]
     assert ComfyProtocolError("x", status_code=503, body="busy").retryable
@@ -349,6 +350,7 @@ def test_identical_graph_is_served_from_cache(client):
     cached = [e for e in evs if isinstance(e, Cached)]
     assert cached and sorted(cached[0].nodes) == ["1", "2"]
     assert not [e for e in evs if isinstance(e, (Executing, Progress))]
+    assert [e.node for e in evs if isinstance(e, Executed)] == ["2"]  # re-sent with the earlier output
     assert isinstance(evs[-1], Succeeded)
     second_files = client.outputs(second.prompt_id)
     assert [f.filename for f in second_files] == [f.filename for f in first_files]

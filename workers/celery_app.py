@@ -11,7 +11,7 @@ from celery import Celery
 
 from common.settings import get_settings
 
-RUN_WORKFLOW = "comfy.run_workflow"
+from common.jobs import RUN_WORKFLOW  # noqa: F401 - the task name lives with enqueueing
 
 
 def make_celery(settings=None) -> Celery:

@@ -1,11 +1,13 @@
 """What one worker process holds for its life: Redis, the task store, storage, the ComfyUI
-client, the jobs it is running, and two background threads (heartbeat, cancel listener)."""
+client, the jobs it runs, what it measured, and two background threads (heartbeat with the
+failover monitor, and the cancel listener)."""
 from __future__ import annotations
 
 import logging
 import os
 import threading
 import time
+import uuid
 from functools import cache
 
 import redis
@@ -15,25 +17,37 @@ from common.settings import Settings, get_settings
 from common.storage import make_storage
 from common.task_store import CANCEL_CHANNEL, TaskStore, now_iso
 from workers.comfy_client import ComfyClient, ComfyError
+from workers.gpu_probe import GpuProbe, host_stats
+from workers.monitor import Monitor
 
 log = logging.getLogger("comfy.worker")
+RATE_SMOOTHING = 0.3  # weight of the newest job in a GPU's seconds-per-unit estimate
 
 
 class WorkerRuntime:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.instance = uuid.uuid4().hex  # this process; a restarted worker is another instance
         self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
         self.store = TaskStore(self.redis, settings.result_ttl)
         self.registry = Registry(self.redis, settings.heartbeat_ttl)
         self.storage = make_storage(settings)
-        self.client = ComfyClient(settings.comfyui_url, timeout=settings.comfyui_timeout)
+        self.client = ComfyClient(settings.comfyui_url, timeout=settings.comfyui_timeout,
+                                  stall_timeout=settings.comfyui_stall_timeout,
+                                  unreachable_deadline=settings.comfyui_unreachable_deadline)
+        self.probe = GpuProbe(settings.gpu_index, comfy_stats=self._comfy_system_stats)
         self.queue = settings.queue_name
         self.started_at = now_iso()
+        self.draining = False
+        self.checkpoint: str | None = None  # the model the GPU holds after our last job
+        self.rates: dict[str, dict] = {}  # workflow → measured seconds per cost unit
+        self.comfy_queue: int | None = None
         self._active: dict[str, str | None] = {}  # task id → ComfyUI prompt id (None until submitted)
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.monitor = None
 
     # Jobs this process runs -------------------------------------------------------------
     def job_started(self, task_id: str) -> None:
@@ -53,6 +67,22 @@ class WorkerRuntime:
         with self._lock:
             return dict(self._active)
 
+    def job_measured(self, workflow: str, seconds: float, cost: float, checkpoint: str | None) -> None:
+        """Learn this GPU's speed from a finished job (GPU time only: start to success in ComfyUI)."""
+        with self._lock:
+            if checkpoint:
+                self.checkpoint = checkpoint
+            if cost <= 0 or seconds <= 0:
+                return
+            sample = seconds / cost
+            rate = self.rates.get(workflow)
+            if rate is None:
+                self.rates[workflow] = {"seconds_per_unit": sample, "jobs": 1, "last_seconds": round(seconds, 3)}
+            else:
+                rate["seconds_per_unit"] = (1 - RATE_SMOOTHING) * rate["seconds_per_unit"] + RATE_SMOOTHING * sample
+                rate["jobs"] += 1
+                rate["last_seconds"] = round(seconds, 3)
+
     def cancel_local(self, task_id: str) -> bool:
         """Tell ComfyUI to drop this job's prompt, if this process runs it and has submitted it."""
         with self._lock:
@@ -70,10 +100,39 @@ class WorkerRuntime:
             log.warning("cancel task=%s prompt=%s failed: %s", task_id, prompt_id, exc)
             return False
 
-    # Background threads -------------------------------------------------------------------
-    def start_background(self) -> None:
+    # Heartbeat ----------------------------------------------------------------------------
+    def _comfy_system_stats(self) -> dict:
+        return self.client.system_stats().raw
+
+    def heartbeat(self) -> dict:
+        try:
+            self.comfy_queue = self.client.prompt_queue_remaining()
+            comfy_ok = True
+        except ComfyError:
+            comfy_ok = False
+        gpu = self.probe.read()
+        with self._lock:
+            rates = {k: dict(v) for k, v in self.rates.items()}
+            running = sorted(self._active)
+            checkpoint = self.checkpoint
+        return {
+            "queue": self.queue, "instance": self.instance, "host": self.settings.worker_host,
+            "gpu_index": self.settings.gpu_index, "pid": os.getpid(), "comfyui_url": self.settings.comfyui_url,
+            "comfyui_ok": comfy_ok, "comfyui_queue": self.comfy_queue if comfy_ok else None,
+            "running": running, "concurrency": self.settings.worker_concurrency, "draining": self.draining,
+            "gpu": gpu.as_dict(), "host_stats": host_stats().as_dict(), "checkpoint": checkpoint,
+            "rates": rates, "started_at": self.started_at,
+        }
+
+    def publish_heartbeat(self) -> None:
+        self.registry.publish(self.heartbeat())
+
+    # Background threads ---------------------------------------------------------------------
+    def start_background(self, celery_app) -> None:
         if self._threads:
             return
+        self.monitor = Monitor(self.store, self.registry, celery_app, self.instance, self.settings.max_attempts,
+                               self.settings.heartbeat_interval, comfy_cancel=_cancel_elsewhere)
         for target, name in ((self._heartbeat_loop, "heartbeat"), (self._cancel_loop, "cancel-listener")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -87,26 +146,14 @@ class WorkerRuntime:
             pass
         self.client.close()
 
-    def heartbeat(self) -> dict:
-        try:
-            self.client.queue()
-            comfy_ok = True
-        except ComfyError:
-            comfy_ok = False
-        return {
-            "queue": self.queue, "host": self.settings.worker_host, "gpu_index": self.settings.gpu_index,
-            "pid": os.getpid(), "comfyui_url": self.settings.comfyui_url, "comfyui_ok": comfy_ok,
-            "running": sorted(self.active()), "concurrency": self.settings.worker_concurrency,
-            "started_at": self.started_at,
-        }
-
     def _heartbeat_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.registry.publish(self.heartbeat())
+                self.publish_heartbeat()
                 self._sweep_cancels()
+                self.monitor.run_once()
             except Exception:  # noqa: BLE001 - the heartbeat must outlive Redis or ComfyUI hiccups
-                log.exception("heartbeat failed")
+                log.exception("heartbeat round failed")
             self._stop.wait(self.settings.heartbeat_interval)
 
     def _sweep_cancels(self) -> None:
@@ -135,6 +182,15 @@ class WorkerRuntime:
                 time.sleep(1.0)
             finally:
                 pubsub.close()
+
+
+def _cancel_elsewhere(comfyui_url: str, prompt_id: str) -> None:
+    """Best effort: drop a dead worker's prompt from its ComfyUI, so it does not run twice."""
+    try:
+        with ComfyClient(comfyui_url, timeout=3.0) as client:
+            client.cancel(prompt_id)
+    except Exception as exc:  # noqa: BLE001 - that ComfyUI may be as dead as its worker
+        log.info("could not cancel prompt %s on %s: %s", prompt_id, comfyui_url, exc)
 
 
 @cache

@@ -1,9 +1,9 @@
 """The GPU job: run one rendered workflow on this worker's ComfyUI and record the outcome.
 
-The task renders nothing: it receives the API-format graph (and the editor graph to embed
-in the PNGs), submits it, turns ComfyUI's events into throttled progress, stores every
-output file, and writes the final record. The task record in Redis is the truth callers
-see; the Celery state mirrors it for Flower.
+The task renders nothing: it loads the graphs the API rendered (the job's payload), submits
+them, turns ComfyUI's events into throttled progress, stores every output file, and writes
+the final record. The task record in Redis is the truth callers see; the Celery state
+mirrors it for Flower. A ComfyUI that is lost mid-job sends the job to another GPU.
 """
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import uuid
 from celery import signals
 from celery.exceptions import Ignore
 
+from common.jobs import requeue
 from common.storage import make_key
 from common.task_store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, now_iso
 from workers.celery_app import RUN_WORKFLOW, app
 from workers.comfy_client import (
-    Cached, ComfyError, ComfyValidationError, Executing, Failed, Interrupted, Progress, Succeeded,
+    Cached, ComfyError, Executing, Failed, Interrupted, Progress, Started, Succeeded,
 )
 from workers.progress import ProgressTracker
 from workers.runtime import get_runtime
@@ -31,15 +32,37 @@ class JobFailed(Exception):
     """Raised after a failed job is recorded, so Celery and Flower show it as a failure."""
 
 
+@signals.worker_init.connect
+def _announce(sender=None, **_):
+    # Heartbeat before consuming: a job this process starts must never look orphaned.
+    runtime = get_runtime()
+    try:
+        runtime.publish_heartbeat()
+    except Exception:  # noqa: BLE001 - Redis may still be starting; the loop retries
+        log.exception("first heartbeat failed")
+
+
 @signals.worker_ready.connect
 def _start_background(sender=None, **_):
     runtime = get_runtime()
-    consumed = [q.name for q in getattr(sender, "task_consumer", None).queues] if sender else []
+    consumer = getattr(sender, "task_consumer", None)
+    consumed = [q.name for q in consumer.queues] if consumer is not None else []
     gpu_queues = [q for q in consumed if q.startswith("gpu.")]
     if gpu_queues and not runtime.settings.gpu_queue:
         runtime.queue = gpu_queues[0]
-    runtime.start_background()
+    runtime.start_background(app)
     log.info("worker ready: queue %s, ComfyUI %s", runtime.queue, runtime.settings.comfyui_url)
+
+
+@signals.worker_shutting_down.connect
+def _drain(**_):
+    # Warm shutdown: finish what runs, take nothing new; the monitor moves what waits here.
+    runtime = get_runtime()
+    runtime.draining = True
+    try:
+        runtime.publish_heartbeat()
+    except Exception:  # noqa: BLE001
+        log.exception("draining heartbeat failed")
 
 
 @signals.worker_shutdown.connect
@@ -62,47 +85,54 @@ def _error(source: str, code: str, message: str, details: dict | None = None) ->
 
 
 @app.task(bind=True, name=RUN_WORKFLOW)
-def run_workflow(self, task_id: str, graph: dict, ui: dict | None = None) -> dict:
+def run_workflow(self, task_id: str) -> dict:
     runtime = get_runtime()
     store = runtime.store
+    record = store.get(task_id)
+    if record is None or record["status"] != QUEUED or record["queue"] != runtime.queue:
+        # Cancelled while waiting in Celery (it never reaches the GPU), moved to another GPU,
+        # already running elsewhere (a redelivery), or done: nothing to do.
+        log.info("task %s not started here: %s", task_id,
+                 "no record" if record is None else f"{record['status']} on {record['queue']}")
+        raise Ignore()
+    attempts = int(record.get("attempts", 0)) + 1
     applied, before = store.transition(
-        task_id, allowed=(QUEUED,), dequeue=True, queue=runtime.queue,
-        status=RUNNING, started_at=now_iso(), gpu=runtime.queue, comfyui=runtime.settings.comfyui_url,
+        task_id, allowed=(QUEUED,), status=RUNNING, on_queue=runtime.queue, started_at=now_iso(),
+        gpu=runtime.queue, comfyui=runtime.settings.comfyui_url, worker=runtime.instance, attempts=attempts,
     )
     if not applied:
-        # Cancelled while waiting in Celery (it never reaches the GPU), or already done.
-        log.info("task %s not started: it is %s", task_id, before)
+        log.info("task %s not started here: it became %s", task_id, before)
         raise Ignore()
     runtime.job_started(task_id)
     try:
-        return _run(self, runtime, task_id, graph, ui)
+        payload = store.payload(task_id)
+        if payload is None:
+            return _finish_failed(store, task_id, _error("service", "payload_missing",
+                                                         "the job's workflow expired from Redis before it ran"))
+        return _run(self, runtime, {**record, "attempts": attempts, "status": RUNNING}, payload)
     finally:
         runtime.job_ended(task_id)
 
 
-def _run(task, runtime, task_id: str, graph: dict, ui: dict | None) -> dict:
+def _run(task, runtime, record: dict, payload: dict) -> dict:
     store, client, settings = runtime.store, runtime.client, runtime.settings
+    task_id, graph = record["task_id"], payload["graph"]
     prompt_id = str(uuid.uuid4())
     store.update(task_id, prompt_id=prompt_id)
-    extra = {"extra_pnginfo": {"workflow": ui}} if ui else None
+    extra = {"extra_pnginfo": {"workflow": payload["ui"]}} if payload.get("ui") else None
+    tracker = ProgressTracker(graph)
+    last_sent, gpu_started, cached_nodes, outcome = 0.0, None, [], None
     try:
         client.submit(graph, prompt_id=prompt_id, extra_data=extra)
-    except ComfyValidationError as exc:
-        return _finish_failed(task, store, task_id, _error("comfyui", exc.code, exc.message, exc.details))
-    except ComfyError as exc:
-        return _finish_failed(task, store, task_id, _error("comfyui", exc.code, exc.message, exc.details))
-    runtime.job_submitted(task_id, prompt_id)
-    record = store.get(task_id) or {}
-    if record.get("cancel_requested"):
-        runtime.cancel_local(task_id)
-
-    tracker = ProgressTracker(graph)
-    last_sent = 0.0
-    outcome = None
-    try:
+        runtime.job_submitted(task_id, prompt_id)
+        if (store.get(task_id) or {}).get("cancel_requested"):
+            runtime.cancel_local(task_id)
         for event in client.events(prompt_id, timeout=settings.job_timeout):
             progress = None
-            if isinstance(event, Cached):
+            if isinstance(event, Started):
+                gpu_started = time.monotonic()
+            elif isinstance(event, Cached):
+                cached_nodes = list(event.nodes)
                 progress = tracker.cached(event.nodes)
             elif isinstance(event, Executing):
                 progress = tracker.executing(event.node)
@@ -116,33 +146,61 @@ def _run(task, runtime, task_id: str, graph: dict, ui: dict | None) -> dict:
     except ComfyError as exc:
         if (store.get(task_id) or {}).get("cancel_requested"):
             return _finish_cancelled(task, store, task_id)  # e.g. deleted from ComfyUI's queue by our cancel
-        return _finish_failed(task, store, task_id, _error("comfyui", exc.code, exc.message, exc.details))
+        if exc.retryable:
+            return _retry_elsewhere(runtime, record, exc)
+        return _finish_failed(store, task_id, _error("comfyui", exc.code, exc.message, exc.details))
 
     if isinstance(outcome, Succeeded):
-        return _finish_succeeded(task, runtime, task_id, prompt_id, tracker)
+        if gpu_started is not None and not cached_nodes:
+            runtime.job_measured(record["workflow"], time.monotonic() - gpu_started, float(record.get("cost", 0)),
+                                 record.get("checkpoint"))
+        return _finish_succeeded(runtime, record, prompt_id, tracker)
     if isinstance(outcome, Failed):
-        return _finish_failed(task, store, task_id, _error(
+        return _finish_failed(store, task_id, _error(
             "comfyui", "execution_error",
             f"{outcome.node_type or 'node'} {outcome.node_id}: {outcome.exception_type}: "
             f"{(outcome.exception_message or '').strip()}",
             outcome.payload()))
     # Interrupted: by our own cancel, or by someone else's global interrupt on that ComfyUI.
-    record = store.get(task_id) or {}
-    if record.get("cancel_requested"):
+    if (store.get(task_id) or {}).get("cancel_requested"):
         return _finish_cancelled(task, store, task_id)
-    return _finish_failed(task, store, task_id, _error(
+    return _finish_failed(store, task_id, _error(
         "comfyui", "interrupted", "ComfyUI interrupted the prompt (not cancelled through this service)",
         {"prompt_id": prompt_id}))
 
 
-def _finish_succeeded(task, runtime, task_id: str, prompt_id: str, tracker: ProgressTracker) -> dict:
+def _retry_elsewhere(runtime, record: dict, exc: ComfyError) -> dict:
+    """ComfyUI went away under the job (unreachable, or restarted and lost the prompt)."""
+    entry = {"code": exc.code, "gpu": runtime.queue, "message": exc.message}
+    attempts = int(record["attempts"])
+    if attempts >= runtime.settings.max_attempts:
+        attempt_log = [*(record.get("attempt_log") or []), {**entry, "at": now_iso()}]
+        gpus = ", ".join(f"{a.get('gpu')} ({a.get('code')})" for a in attempt_log)
+        return _finish_failed(runtime.store, record["task_id"], _error(
+            "comfyui", exc.code, f"ComfyUI failed the job on each of its {attempts} attempts: {gpus}",
+            {"attempts": attempt_log}), attempt_log=attempt_log)
+    log.warning("task %s: ComfyUI at %s lost it (%s); moving it", record["task_id"], runtime.settings.comfyui_url,
+                exc.code)
+    requeue(runtime.store, runtime.registry, app, record, from_status=RUNNING, reason=entry, avoid=runtime.queue)
+    raise Ignore()
+
+
+def _finish_succeeded(runtime, record: dict, prompt_id: str, tracker: ProgressTracker) -> dict:
+    task_id = record["task_id"]
     images, files = [], []
     try:
         outputs = runtime.client.outputs(prompt_id)
     except ComfyError as exc:
-        return _finish_failed(task, runtime.store, task_id, _error("comfyui", exc.code, exc.message, exc.details))
+        if exc.retryable:
+            return _retry_elsewhere(runtime, record, exc)
+        return _finish_failed(runtime.store, task_id, _error("comfyui", exc.code, exc.message, exc.details))
+    current = runtime.store.get(task_id) or {}
+    if current.get("status") != RUNNING or current.get("worker") != runtime.instance:
+        # Another run of this job owns it now (at-least-once delivery): one result set only.
+        log.warning("task %s finished here but is %s elsewhere; result dropped", task_id, current.get("status"))
+        raise Ignore()
     for index, out in enumerate(outputs):
-        key = make_key(task_id, index, out.content_type)
+        key = make_key(task_id, index, out.content_type, attempt=int(record["attempts"]))
         runtime.storage.put(key, out.data, out.content_type)
         item = {"key": key, "content_type": out.content_type, "size": len(out.data), "node": out.node_id,
                 "filename": out.filename}
@@ -151,17 +209,17 @@ def _finish_succeeded(task, runtime, task_id: str, prompt_id: str, tracker: Prog
             images.append(item)
         else:
             files.append(item)
-    result = {"images": images, "files": files}
     applied, before = runtime.store.transition(
-        task_id, allowed=(RUNNING,), status=SUCCEEDED, finished_at=now_iso(), result=result,
-        progress=tracker.finished().as_dict())
+        task_id, allowed=(RUNNING,), status=SUCCEEDED, on_queue=runtime.queue, finished_at=now_iso(),
+        result={"images": images, "files": files}, progress=tracker.finished().as_dict())
     if not applied:
-        log.warning("task %s finished on ComfyUI but its record is already %s; result kept out", task_id, before)
+        # Another run of this job already finished it (at-least-once delivery): one result set.
+        log.warning("task %s finished on ComfyUI but its record is already %s; result dropped", task_id, before)
     return {"task_id": task_id, "status": SUCCEEDED if applied else before, "images": len(images)}
 
 
-def _finish_failed(task, store, task_id: str, error: dict) -> dict:
-    store.transition(task_id, allowed=(RUNNING,), status=FAILED, finished_at=now_iso(), error=error)
+def _finish_failed(store, task_id: str, error: dict, **fields) -> dict:
+    store.transition(task_id, allowed=(RUNNING,), status=FAILED, finished_at=now_iso(), error=error, **fields)
     log.warning("task %s failed: %s: %s", task_id, error["code"], error["message"])
     raise JobFailed(f"{error['source']}:{error['code']}: {error['message']}")
 

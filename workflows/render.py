@@ -17,6 +17,8 @@ class Rendered:
     api: dict  # the API-format graph for POST /prompt
     ui: dict  # the editor graph for extra_pnginfo.workflow
     expected_images: int
+    cost: float  # work units (sampler steps of a 1024² image) for dispatch
+    checkpoint: str | None
 
 
 def resolve_seed(params: WorkflowParams, rng: random.Random | None = None) -> WorkflowParams:
@@ -38,4 +40,5 @@ def render(workflow: Workflow, params: WorkflowParams, output_prefix: str) -> Re
     return Rendered(
         workflow=workflow.name, params=params.model_dump(mode="json"), api=api,
         ui=apply_widgets(workflow.ui, api), expected_images=workflow.expected_images(params),
+        cost=round(workflow.cost(params), 6), checkpoint=getattr(params, "checkpoint", None),
     )

@@ -291,6 +291,7 @@ class _Reader(threading.Thread):
             was_down = self.down_since
             self.down_since = None
             self.backoff = self.backoff_initial
+            self.next_resolve = 0.0  # settle before reading: frames wait in the socket meanwhile
             # Anything unfinished may have missed messages while we were not connected.
             for w in self.watches.values():
                 if w.submitted and not w.finished:
@@ -591,6 +592,11 @@ class _Reader(threading.Thread):
             return
         if now < w.grace_until:
             return  # told it finished; history not written yet: retry shortly
+        if w.success_seen:
+            # ComfyUI said success but keeps no history (cleared meanwhile?): trust what was seen.
+            log.warning("comfy: prompt %s succeeded but /history has no entry; using the streamed outputs", pid)
+            w.finish(Succeeded(pid, outputs=dict(w.outputs), source="ws"))
+            return
         if w.cancel_requested:
             w.finish(Interrupted(pid, source="cancel", deleted=True))
             return

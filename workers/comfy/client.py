@@ -1,4 +1,4 @@
-"""`ComfyClient`: the one place this project talks to ComfyUI. See the package docstring."""
+"""`ComfyClient`: the one place this project talks to ComfyUI. Design: see `workers.comfy_client`."""
 from __future__ import annotations
 
 import logging

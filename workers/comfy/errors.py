@@ -29,8 +29,8 @@ class ComfyError(Exception):
         return d
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": "comfyui", "code": self.code, "message": self.message,
-                "details": self.details, "retryable": self.retryable}
+        """The service's error body: ``{"source": "comfyui", "code", "message", "details"}``."""
+        return {"source": "comfyui", "code": self.code, "message": self.message, "details": self.details}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, prompt_id={self.prompt_id!r})"

@@ -36,3 +36,8 @@ def bindings(params: Params, output_prefix: str) -> dict[tuple[str, str], object
 
 def expected_images(params: Params) -> int:
     return 1
+
+
+def cost(params: Params) -> float:
+    """Work in sampler steps of a 1024×1024 image: what dispatch multiplies by a GPU's speed."""
+    return params.steps * params.width * params.height / 1024**2

@@ -110,3 +110,8 @@ def bindings(params: Params, output_prefix: str) -> dict[tuple[str, str], object
 
 def expected_images(params: Params) -> int:
     return len(params.scenes)
+
+
+def cost(params: Params) -> float:
+    """Work in sampler steps of a 1024×1024 image: what dispatch multiplies by a GPU's speed."""
+    return params.steps * len(params.scenes) * params.width * params.height / 1024**2

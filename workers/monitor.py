@@ -1,0 +1,109 @@
+"""Failover: find jobs stranded by a dead worker, GPU or ComfyUI, and move them.
+
+Runs inside every worker's heartbeat thread; a short Redis lock lets one of them act per
+round. Two cases, both decided by pure functions below and acted on by `Monitor`:
+
+- a job a worker started but whose worker process is no longer alive (its heartbeat expired,
+  or a new process took over the queue): started again on a healthy GPU, up to MAX_ATTEMPTS
+  starts, then failed with the attempt log (a job that kills its worker every time stops);
+- jobs waiting on a queue whose worker is dead or draining: moved to healthy queues, and the
+  stale Celery messages left in the dead queue are removed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+
+from celery import Celery
+
+from common.jobs import requeue
+from common.registry import Registry
+from common.task_store import FAILED, QUEUED, RUNNING, TaskStore, now_iso
+
+log = logging.getLogger("comfy.monitor")
+LOCK = "cs:monitor:lock"
+
+
+def _age_seconds(iso: str | None, now: datetime) -> float:
+    if not iso:
+        return float("inf")
+    return (now - datetime.fromisoformat(iso.replace("Z", "+00:00"))).total_seconds()
+
+
+def is_orphan(record: dict, beat: dict | None, grace: float, now: datetime) -> bool:
+    """A running job whose worker process is gone: no live heartbeat for its queue, or a live
+    one from another process (the worker restarted). `grace` covers a just-started job."""
+    if record.get("status") != RUNNING or _age_seconds(record.get("started_at"), now) < grace:
+        return False
+    return beat is None or beat.get("instance") != record.get("worker")
+
+
+def needs_moving(beat: dict | None) -> bool:
+    """Waiting jobs leave a queue whose worker is dead or draining."""
+    return beat is None or bool(beat.get("draining"))
+
+
+class Monitor:
+    def __init__(self, store: TaskStore, registry: Registry, celery: Celery, instance: str,
+                 max_attempts: int, interval: float, comfy_cancel=None):
+        self.store, self.registry, self.celery = store, registry, celery
+        self.instance, self.max_attempts, self.interval = instance, max_attempts, interval
+        self.comfy_cancel = comfy_cancel  # (comfyui_url, prompt_id) → None; best effort
+
+    def run_once(self) -> None:
+        redis = self.store.redis
+        if not redis.set(LOCK, self.instance, nx=True, px=max(int(self.interval * 900), 100)):
+            return
+        alive = {w["queue"]: w for w in self.registry.alive()}
+        now = datetime.now(timezone.utc)
+        for queue in self.registry.known_queues():
+            beat = alive.get(queue)
+            for record in filter(None, self.store.get_many(self.store.running(queue))):
+                if is_orphan(record, beat, grace=2 * self.interval, now=now):
+                    self._restart_orphan(record, queue)
+            if needs_moving(beat):
+                self._move_waiting(queue)
+
+    def _restart_orphan(self, record: dict, queue: str) -> None:
+        task_id = record["task_id"]
+        attempts = int(record.get("attempts", 0))
+        entry = {"code": "worker_lost", "gpu": queue, "message": "the worker running the job died"}
+        if record.get("prompt_id") and record.get("comfyui") and self.comfy_cancel:
+            self.comfy_cancel(record["comfyui"], record["prompt_id"])  # its ComfyUI may still run it
+        if attempts >= self.max_attempts:
+            attempt_log = [*(record.get("attempt_log") or []), {**entry, "at": now_iso()}]
+            error = {"source": "service", "code": "worker_lost",
+                     "message": f"the job's worker died during each of its {attempts} attempts; not retried again",
+                     "details": {"attempts": attempt_log}}
+            applied, _ = self.store.transition(task_id, allowed=(RUNNING,), status=FAILED, on_queue=queue,
+                                               finished_at=now_iso(), error=error, attempt_log=attempt_log)
+            if applied:
+                log.warning("task %s failed: its worker died %d times", task_id, attempts)
+            return
+        log.warning("task %s: worker on %s is gone; starting it again", task_id, queue)
+        requeue(self.store, self.registry, self.celery, record, from_status=RUNNING, reason=entry, avoid=queue)
+
+    def _move_waiting(self, queue: str) -> None:
+        moved = 0
+        for record in filter(None, self.store.get_many(self.store.waiting(queue))):
+            if record.get("status") == QUEUED and record.get("queue") == queue:
+                if requeue(self.store, self.registry, self.celery, record, from_status=QUEUED, must_move=True,
+                           reason={"code": "gpu_unavailable", "gpu": queue,
+                                   "message": "its GPU stopped taking jobs"}, avoid=queue):
+                    moved += 1
+        self._purge_stale_messages(queue)
+        if moved:
+            log.warning("moved %d waiting job(s) off %s", moved, queue)
+
+    def _purge_stale_messages(self, queue: str) -> None:
+        """Drop Celery messages in `queue` whose job no longer waits there (moved, cancelled, done)."""
+        redis = self.store.redis
+        for raw in redis.lrange(queue, 0, -1):
+            try:
+                task_id = json.loads(raw)["headers"]["id"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            record = self.store.get(task_id)
+            if record is None or record.get("status") != QUEUED or record.get("queue") != queue:
+                redis.lrem(queue, 1, raw)
