@@ -238,6 +238,7 @@ class Executor:
     def put(self, item: list) -> None:
         heapq.heappush(self.queue, (item[0], item[1], next(self._seq), item))
         self.record.submitted.append(item[1])
+        self.record.queued_at[item[1]] = time.time()
         self.queue_updated()
         self._wake.set()
 

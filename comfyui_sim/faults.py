@@ -90,6 +90,7 @@ class Record:
     deleted: list = field(default_factory=list)
     interrupts: list = field(default_factory=list)
     submitted: list = field(default_factory=list)
+    queued_at: dict = field(default_factory=dict)  # prompt id → when /prompt accepted it
     running: dict | None = None
 
     def started(self, prompt_id: str, start: float) -> None:
@@ -105,4 +106,4 @@ class Record:
 
     def public(self) -> dict:
         return {"busy": self.busy, "deleted": self.deleted, "interrupts": self.interrupts,
-                "submitted": self.submitted, "running": self.running}
+                "submitted": self.submitted, "queued_at": self.queued_at, "running": self.running}

@@ -33,7 +33,7 @@ def send(celery: Celery, task_id: str, queue: str, record: dict) -> None:
 
 
 def requeue(store: TaskStore, registry: Registry, celery: Celery, record: dict, *, from_status: str,
-            reason: dict, avoid: str | None = None, must_move: bool = False) -> str | None:
+            reason: dict, avoid: str | None = None, must_move: bool = False, owner: str | None = None) -> str | None:
     """Move a job (waiting or orphaned) to the best healthy GPU, avoiding `avoid` when another fits.
 
     With no healthy GPU at all the job waits on its own queue again, unless `must_move`
@@ -53,7 +53,7 @@ def requeue(store: TaskStore, registry: Registry, celery: Celery, record: dict, 
     log_entry = {**reason, "at": now_iso(), "from": record["queue"], "to": queue}
     attempt_log = [*(record.get("attempt_log") or []), log_entry]
     applied, before = store.transition(record["task_id"], allowed=(from_status,), status=QUEUED, queue=queue,
-                                       on_queue=record["queue"], attempt_log=attempt_log, started_at=None,
+                                       on_queue=record["queue"], owner=owner, attempt_log=attempt_log, started_at=None,
                                        prompt_id=None, worker=None)
     if not applied:
         log.info("task %s not moved: it is %s now", record["task_id"], before)

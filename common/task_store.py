@@ -27,6 +27,7 @@ CANCEL_CHANNEL = "cs:cancel"
 # KEYS[1] task hash. ARGV: [1] JSON list of allowed current statuses (JSON-encoded strings;
 # "[]" = any non-terminal), [2] new status (JSON-encoded, "" = keep), [3] new queue (plain,
 # "" = keep), [4] queue the caller requires the job to be on ("" = any), [5] now in ms,
+# [6] worker instance the caller requires to own the job (JSON-encoded, "" = any),
 # then field/value pairs. Returns {applied (0/1), status before (JSON) or ''}.
 _TRANSITION = """
 local key = KEYS[1]
@@ -41,6 +42,7 @@ else
 end
 local queue = cjson.decode(redis.call('HGET', key, 'queue'))
 if ok and ARGV[4] ~= '' and ARGV[4] ~= queue then ok = false end
+if ok and ARGV[6] ~= '' and ARGV[6] ~= redis.call('HGET', key, 'worker') then ok = false end
 if not ok then return {0, current} end
 local id = string.sub(key, 9)
 local status = ARGV[2]
@@ -62,7 +64,7 @@ if status ~= '' then
   end
   redis.call('HSET', key, 'status', status, 'queue', cjson.encode(target))
 end
-if #ARGV > 5 then redis.call('HSET', key, unpack(ARGV, 6)) end
+if #ARGV > 6 then redis.call('HSET', key, unpack(ARGV, 7)) end
 return {1, current}
 """
 
@@ -146,9 +148,12 @@ class TaskStore:
         return sorted(m.decode() for m in self.redis.smembers(running_key(queue)))
 
     def transition(self, task_id: str, allowed: Iterable[str] = (), status: str | None = None,
-                   queue: str | None = None, on_queue: str | None = None, **fields) -> tuple[bool, str | None]:
+                   queue: str | None = None, on_queue: str | None = None, owner: str | None = None,
+                   **fields) -> tuple[bool, str | None]:
         """Move a job to `status` (and `queue`) if its status is one of `allowed` (default: any
-        non-terminal) and, with `on_queue`, it is on that queue; set `fields` alongside.
+        non-terminal), with `on_queue` it is on that queue, and with `owner` that worker
+        instance started it (a worker that lost a job to failover cannot finish it); set
+        `fields` alongside.
 
         Returns (applied, status before). A missing record gives (False, None).
         """
@@ -156,7 +161,7 @@ class TaskStore:
         applied, before = self._transition(
             keys=[task_key(task_id)],
             args=[allowed_json, json.dumps(status) if status else "", queue or "", on_queue or "",
-                  int(time.time() * 1000), *_encode(fields)],
+                  int(time.time() * 1000), json.dumps(owner) if owner else "", *_encode(fields)],
         )
         before = before.decode() if isinstance(before, bytes) else before
         return bool(applied), (json.loads(before) if before else None)

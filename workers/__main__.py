@@ -17,7 +17,9 @@ def main(argv: list[str]) -> None:
     queue = settings.queue_name
     app.worker_main([
         "worker", "-Q", queue, "-n", f"{queue}@%h", "--pool", "threads",
-        "--concurrency", str(settings.worker_concurrency), "-E", "--loglevel", settings.log_level, *argv,
+        "--concurrency", str(settings.worker_concurrency), "-E", "--loglevel", settings.log_level,
+        # Workers coordinate through Redis records, not Celery's worker-to-worker chatter.
+        "--without-mingle", "--without-gossip", *argv,
     ])
 
 

@@ -77,12 +77,14 @@ class Monitor:
                      "message": f"the job's worker died during each of its {attempts} attempts; not retried again",
                      "details": {"attempts": attempt_log}}
             applied, _ = self.store.transition(task_id, allowed=(RUNNING,), status=FAILED, on_queue=queue,
+                                               owner=record.get("worker"),
                                                finished_at=now_iso(), error=error, attempt_log=attempt_log)
             if applied:
                 log.warning("task %s failed: its worker died %d times", task_id, attempts)
             return
         log.warning("task %s: worker on %s is gone; starting it again", task_id, queue)
-        requeue(self.store, self.registry, self.celery, record, from_status=RUNNING, reason=entry, avoid=queue)
+        requeue(self.store, self.registry, self.celery, record, from_status=RUNNING, reason=entry, avoid=queue,
+                owner=record.get("worker"))
 
     def _move_waiting(self, queue: str) -> None:
         moved = 0

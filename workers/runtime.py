@@ -68,11 +68,15 @@ class WorkerRuntime:
             return dict(self._active)
 
     def job_measured(self, workflow: str, seconds: float, cost: float, checkpoint: str | None) -> None:
-        """Learn this GPU's speed from a finished job (GPU time only: start to success in ComfyUI)."""
+        """Learn this GPU's speed from a finished job (GPU time only: start to success in ComfyUI).
+
+        A job that had to load its checkpoint first is not a sample of the GPU's speed.
+        """
         with self._lock:
+            cold = bool(checkpoint) and checkpoint != self.checkpoint
             if checkpoint:
                 self.checkpoint = checkpoint
-            if cost <= 0 or seconds <= 0:
+            if cold or cost <= 0 or seconds <= 0:
                 return
             sample = seconds / cost
             rate = self.rates.get(workflow)

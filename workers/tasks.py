@@ -20,7 +20,7 @@ from common.storage import make_key
 from common.task_store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, now_iso
 from workers.celery_app import RUN_WORKFLOW, app
 from workers.comfy_client import (
-    Cached, ComfyError, Executing, Failed, Interrupted, Progress, Started, Succeeded,
+    Cached, ComfyError, ComfyWaitTimeout, Executing, Failed, Interrupted, Progress, Started, Succeeded,
 )
 from workers.progress import ProgressTracker
 from workers.runtime import get_runtime
@@ -32,16 +32,6 @@ class JobFailed(Exception):
     """Raised after a failed job is recorded, so Celery and Flower show it as a failure."""
 
 
-@signals.worker_init.connect
-def _announce(sender=None, **_):
-    # Heartbeat before consuming: a job this process starts must never look orphaned.
-    runtime = get_runtime()
-    try:
-        runtime.publish_heartbeat()
-    except Exception:  # noqa: BLE001 - Redis may still be starting; the loop retries
-        log.exception("first heartbeat failed")
-
-
 @signals.worker_ready.connect
 def _start_background(sender=None, **_):
     runtime = get_runtime()
@@ -50,6 +40,9 @@ def _start_background(sender=None, **_):
     gpu_queues = [q for q in consumed if q.startswith("gpu.")]
     if gpu_queues and not runtime.settings.gpu_queue:
         runtime.queue = gpu_queues[0]
+    # First heartbeat as the consumer starts: before it, dispatch does not know this GPU; a job
+    # started just before it is covered by the monitor's grace period.
+    runtime.publish_heartbeat()
     runtime.start_background(app)
     log.info("worker ready: queue %s, ComfyUI %s", runtime.queue, runtime.settings.comfyui_url)
 
@@ -121,7 +114,7 @@ def _run(task, runtime, record: dict, payload: dict) -> dict:
     store.update(task_id, prompt_id=prompt_id)
     extra = {"extra_pnginfo": {"workflow": payload["ui"]}} if payload.get("ui") else None
     tracker = ProgressTracker(graph)
-    last_sent, gpu_started, cached_nodes, outcome = 0.0, None, [], None
+    last_sent, gpu_started, sampled, outcome = 0.0, None, False, None
     try:
         client.submit(graph, prompt_id=prompt_id, extra_data=extra)
         runtime.job_submitted(task_id, prompt_id)
@@ -132,17 +125,22 @@ def _run(task, runtime, record: dict, payload: dict) -> dict:
             if isinstance(event, Started):
                 gpu_started = time.monotonic()
             elif isinstance(event, Cached):
-                cached_nodes = list(event.nodes)
                 progress = tracker.cached(event.nodes)
             elif isinstance(event, Executing):
                 progress = tracker.executing(event.node)
             elif isinstance(event, Progress) and event.node is not None:
+                sampled = True
                 progress = tracker.step(event.node, event.value, event.max)
             elif isinstance(event, (Succeeded, Failed, Interrupted)):
                 outcome = event
             if progress is not None and time.monotonic() - last_sent >= settings.progress_interval:
                 last_sent = time.monotonic()
                 task.update_state(state="PROGRESS", meta={"task_id": task_id, "progress": progress.as_dict()})
+    except ComfyWaitTimeout:
+        runtime.cancel_local(task_id)  # do not leave it running on the GPU
+        return _finish_failed(store, task_id, _error(
+            "service", "job_timeout", f"the job ran longer than JOB_TIMEOUT ({settings.job_timeout:g} s) and was stopped",
+            {"prompt_id": prompt_id}))
     except ComfyError as exc:
         if (store.get(task_id) or {}).get("cancel_requested"):
             return _finish_cancelled(task, store, task_id)  # e.g. deleted from ComfyUI's queue by our cancel
@@ -151,7 +149,7 @@ def _run(task, runtime, record: dict, payload: dict) -> dict:
         return _finish_failed(store, task_id, _error("comfyui", exc.code, exc.message, exc.details))
 
     if isinstance(outcome, Succeeded):
-        if gpu_started is not None and not cached_nodes:
+        if gpu_started is not None and sampled:  # a run served from ComfyUI's cache measures nothing
             runtime.job_measured(record["workflow"], time.monotonic() - gpu_started, float(record.get("cost", 0)),
                                  record.get("checkpoint"))
         return _finish_succeeded(runtime, record, prompt_id, tracker)
@@ -181,7 +179,8 @@ def _retry_elsewhere(runtime, record: dict, exc: ComfyError) -> dict:
             {"attempts": attempt_log}), attempt_log=attempt_log)
     log.warning("task %s: ComfyUI at %s lost it (%s); moving it", record["task_id"], runtime.settings.comfyui_url,
                 exc.code)
-    requeue(runtime.store, runtime.registry, app, record, from_status=RUNNING, reason=entry, avoid=runtime.queue)
+    requeue(runtime.store, runtime.registry, app, record, from_status=RUNNING, reason=entry, avoid=runtime.queue,
+            owner=runtime.instance)
     raise Ignore()
 
 
@@ -210,7 +209,7 @@ def _finish_succeeded(runtime, record: dict, prompt_id: str, tracker: ProgressTr
         else:
             files.append(item)
     applied, before = runtime.store.transition(
-        task_id, allowed=(RUNNING,), status=SUCCEEDED, on_queue=runtime.queue, finished_at=now_iso(),
+        task_id, allowed=(RUNNING,), status=SUCCEEDED, owner=runtime.instance, finished_at=now_iso(),
         result={"images": images, "files": files}, progress=tracker.finished().as_dict())
     if not applied:
         # Another run of this job already finished it (at-least-once delivery): one result set.
@@ -219,12 +218,18 @@ def _finish_succeeded(runtime, record: dict, prompt_id: str, tracker: ProgressTr
 
 
 def _finish_failed(store, task_id: str, error: dict, **fields) -> dict:
-    store.transition(task_id, allowed=(RUNNING,), status=FAILED, finished_at=now_iso(), error=error, **fields)
+    applied, before = store.transition(task_id, allowed=(RUNNING,), status=FAILED, owner=get_runtime().instance,
+                                       finished_at=now_iso(), error=error, **fields)
+    if not applied:  # failover gave the job to another run: its outcome is not ours to write
+        log.info("task %s: outcome %s not recorded, the job is %s elsewhere", task_id, error["code"], before)
+        raise Ignore()
     log.warning("task %s failed: %s: %s", task_id, error["code"], error["message"])
     raise JobFailed(f"{error['source']}:{error['code']}: {error['message']}")
 
 
 def _finish_cancelled(task, store, task_id: str) -> dict:
-    store.transition(task_id, allowed=(RUNNING,), status=CANCELLED, finished_at=now_iso())
-    task.update_state(state="REVOKED", meta={"task_id": task_id, "reason": "cancelled"})
+    applied, _ = store.transition(task_id, allowed=(RUNNING,), status=CANCELLED, owner=get_runtime().instance,
+                                  finished_at=now_iso())
+    if applied:
+        task.update_state(state="REVOKED", meta={"task_id": task_id, "reason": "cancelled"})
     raise Ignore()

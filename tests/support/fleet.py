@@ -31,6 +31,10 @@ class Proc:
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
+    def send(self, sig: int) -> None:
+        """Send a signal to the process group without waiting (SIGSTOP/SIGCONT: freeze and thaw)."""
+        os.killpg(self.proc.pid, sig)
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

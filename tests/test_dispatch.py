@@ -1,0 +1,78 @@
+"""Dispatch scoring and failover rules: pure functions, table tests."""
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from common.dispatch import JobSpec, choose, expected_finish, fleet_rate
+from workers.monitor import is_orphan, needs_moving
+
+
+def gpu(queue, load=0.0, rate=None, comfyui_ok=True, draining=False, host="a", checkpoint=None,
+        free=0.5, util=0.0, workflow="storydiffusion"):
+    return {"queue": queue, "host": host, "load": load, "comfyui_ok": comfyui_ok, "draining": draining,
+            "checkpoint": checkpoint,
+            "rates": {workflow: {"seconds_per_unit": rate, "jobs": 5}} if rate else {},
+            "gpu": {"memory_total_mb": 1000.0, "memory_free_mb": 1000.0 * free, "utilization": util}}
+
+
+JOB = JobSpec(workflow="storydiffusion", cost=10.0)
+
+CASES = [
+    ("idle beats busy", [gpu("g.a", load=20), gpu("g.b", load=0)], JOB, "g.b"),
+    ("faster GPU wins at equal backlog", [gpu("g.slow", rate=2.0), gpu("g.fast", rate=0.5)], JOB, "g.fast"),
+    ("a fast GPU with a short backlog beats an idle slow one",
+     [gpu("g.slow", rate=4.0), gpu("g.fast", load=10, rate=1.0)], JOB, "g.fast"),
+    ("but not with a long one", [gpu("g.slow", rate=1.5), gpu("g.fast", load=40, rate=1.0)], JOB, "g.slow"),
+    ("unmeasured GPUs count at the fleet median", [gpu("g.new", load=5), gpu("g.known", load=10, rate=3.0)],
+     JOB, "g.new"),
+    ("ComfyUI down is never chosen", [gpu("g.down", comfyui_ok=False), gpu("g.up", load=100)], JOB, "g.up"),
+    ("draining is never chosen", [gpu("g.drain", draining=True), gpu("g.up", load=100)], JOB, "g.up"),
+    ("excluded after a failure", [gpu("g.a"), gpu("g.b", load=50)],
+     JobSpec(workflow="storydiffusion", cost=1.0, exclude=frozenset({"g.a"})), "g.b"),
+    ("pinned GPU even when busier", [gpu("g.a", load=50), gpu("g.b")],
+     JobSpec(workflow="storydiffusion", gpu="g.a"), "g.a"),
+    ("pinned host", [gpu("g.a", host="h1"), gpu("g.b", host="h2", load=9)],
+     JobSpec(workflow="storydiffusion", host="h2"), "g.b"),
+    ("warm checkpoint breaks a near tie", [gpu("g.cold", checkpoint="other.safetensors"),
+                                           gpu("g.warm", load=1, checkpoint="m.safetensors")],
+     JobSpec(workflow="storydiffusion", cost=1.0, checkpoint="m.safetensors"), "g.warm"),
+    ("memory headroom breaks an exact tie", [gpu("g.full", free=0.1), gpu("g.roomy", free=0.9)], JOB, "g.roomy"),
+    ("utilisation breaks what is left", [gpu("g.hot", util=90.0), gpu("g.cool", util=5.0)], JOB, "g.cool"),
+    ("no healthy GPU", [gpu("g.down", comfyui_ok=False)], JOB, None),
+    ("pin to a GPU that is not there", [gpu("g.a")], JobSpec(workflow="storydiffusion", gpu="g.zzz"), None),
+    ("empty fleet", [], JOB, None),
+]
+
+
+@pytest.mark.parametrize("case, workers, job, expected", CASES, ids=[c[0] for c in CASES])
+def test_dispatch_chooses(case, workers, job, expected):
+    assert choose(workers, job) == expected
+
+
+def test_expected_finish_is_backlog_plus_job_times_rate():
+    worker = gpu("g", load=30.0, rate=0.2)
+    assert expected_finish(worker, JOB, default_rate=99.0) == pytest.approx((30.0 + 10.0) * 0.2)
+    assert fleet_rate([gpu("a", rate=1.0), gpu("b", rate=3.0), gpu("c")], "storydiffusion") == 2.0
+
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+STARTED = (NOW - timedelta(seconds=30)).isoformat().replace("+00:00", "Z")
+JUST_STARTED = (NOW - timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
+RUNNING = {"status": "running", "worker": "w1", "started_at": STARTED}
+
+ORPHANS = [
+    ("worker alive", RUNNING, {"instance": "w1"}, False),
+    ("heartbeat expired", RUNNING, None, True),
+    ("worker restarted: another process owns the queue", RUNNING, {"instance": "w2"}, True),
+    ("just started: heartbeat may lag", {**RUNNING, "started_at": JUST_STARTED}, None, False),
+    ("not running", {**RUNNING, "status": "queued"}, None, False),
+]
+
+
+@pytest.mark.parametrize("case, record, beat, orphan", ORPHANS, ids=[c[0] for c in ORPHANS])
+def test_orphan_rule(case, record, beat, orphan):
+    assert is_orphan(record, beat, grace=4.0, now=NOW) is orphan
+
+
+def test_waiting_jobs_leave_dead_or_draining_queues():
+    assert needs_moving(None) and needs_moving({"draining": True}) and not needs_moving({"draining": False})

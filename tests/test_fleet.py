@@ -1,0 +1,240 @@
+"""The fleet: dispatch, failover and scaling with real workers, simulators and Redis.
+
+Each test asserts every job's final state and that no job shows two result sets.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import time
+
+import pytest
+import redis
+import requests
+
+from tests.support.api import story, submit, wait_status
+from tests.support.procs import wait_until
+
+pytestmark = pytest.mark.timeout(150)
+
+FAST_FAILOVER = {"COMFYUI_UNREACHABLE_DEADLINE": "3", "COMFYUI_STALL_TIMEOUT": "5", "MAX_ATTEMPTS": "3"}
+
+
+def record(fleet, task_id: str) -> dict:
+    raw = redis.Redis.from_url(fleet.redis.url).hgetall(f"cs:task:{task_id}")
+    return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+def all_done(fleet, tasks, timeout=60.0) -> list[dict]:
+    return [wait_status(fleet.url, t["task_id"], timeout=timeout) for t in tasks]
+
+
+def assert_one_result_set(fleet, docs):
+    for doc in docs:
+        images = doc["result"]["images"]
+        assert len(images) == len(doc["params"]["scenes"]) if "scenes" in doc["params"] else len(images) == 1
+        for image in images:
+            assert requests.get(fleet.url + image["url"], timeout=5).status_code == 200
+
+
+def job(steps=10, **fields):
+    return story(scenes=["[Lena] reads a letter"], steps=steps, **fields)
+
+
+def test_dispatch_prefers_the_idle_and_the_faster_gpu(fleet_factory):
+    fleet = fleet_factory()
+    slow, fast = fleet.add_sim("--step-seconds", "0.03"), fleet.add_sim("--step-seconds", "0.03", "--speed", "3")
+    fleet.add_worker(slow, queue="gpu.test.slow")
+    fleet.add_worker(fast, queue="gpu.test.fast")
+    fleet.wait_workers()
+    fleet.start_api()
+    # Idle first: with nothing measured, two jobs in a row land on two GPUs.
+    first, second = submit(fleet.url, job()), submit(fleet.url, job())
+    assert {record(fleet, first["task_id"])["queue"], record(fleet, second["task_id"])["queue"]} == {
+        "gpu.test.slow", "gpu.test.fast"}
+    all_done(fleet, [first, second])
+    # A job on a warm GPU measures its speed (a cold one also loaded its checkpoint).
+    all_done(fleet, [submit(fleet.url, job(gpu=queue)) for queue in ("gpu.test.slow", "gpu.test.fast")])
+    # The heartbeats now carry each GPU's speed: a burst favours the fast one.
+    wait_until(lambda: all(w.get("rates") for w in requests.get(fleet.url + "/api/v1/workers", timeout=5).json()[
+        "workers"]), 10, what="measured rates in the heartbeats")
+    burst = [submit(fleet.url, job()) for _ in range(8)]
+    docs = all_done(fleet, burst)
+    on_fast = sum(d["gpu"] == "gpu.test.fast" for d in docs)
+    assert on_fast >= 5, [d["gpu"] for d in docs]
+    assert all(d["status"] == "succeeded" for d in docs)
+    workers = requests.get(fleet.url + "/api/v1/workers", timeout=5).json()["workers"]
+    assert {w["queue"] for w in workers} == {"gpu.test.slow", "gpu.test.fast"}
+    for worker in workers:
+        assert worker["gpu"]["source"] == "comfyui" and worker["gpu"]["memory_total_mb"] > 0
+        assert worker["host_stats"]["ram_total_mb"] > 0 and worker["comfyui_ok"] is True
+
+
+def test_pinned_job_runs_on_its_gpu_and_a_missing_pin_is_refused(fleet_factory):
+    fleet = fleet_factory()
+    for index in range(2):
+        fleet.add_worker(fleet.add_sim("--step-seconds", "0.02"))
+    fleet.wait_workers()
+    fleet.start_api()
+    pinned = [submit(fleet.url, job(gpu="gpu.test.1")) for _ in range(3)]
+    assert {d["gpu"] for d in all_done(fleet, pinned)} == {"gpu.test.1"}
+    refused = requests.post(fleet.url + "/api/v1/generate", json=job(gpu="gpu.nowhere.9"), timeout=5)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "gpu_unavailable"
+
+
+def test_worker_killed_mid_job_the_job_runs_again_elsewhere(fleet_factory):
+    fleet = fleet_factory(**FAST_FAILOVER)
+    sims = [fleet.add_sim("--step-seconds", "0.05") for _ in range(2)]
+    workers = [fleet.add_worker(sim) for sim in sims]
+    fleet.wait_workers()
+    fleet.start_api()
+    task = submit(fleet.url, job(steps=40))
+    running = wait_status(fleet.url, task["task_id"], statuses=("running",))
+    victim = next(w for w in workers if w.queue == running["gpu"])
+    victim.stop(signal.SIGKILL)
+
+    done = wait_status(fleet.url, task["task_id"], timeout=60)
+    assert done["status"] == "succeeded", done
+    assert done["gpu"] != victim.queue
+    final = record(fleet, task["task_id"])
+    assert final["attempts"] == 2
+    assert [a["code"] for a in final["attempt_log"]] == ["worker_lost"]
+    assert_one_result_set(fleet, [done])
+    # The dead worker's prompt was dropped from its ComfyUI rather than left to run on.
+    victim_sim = sims[workers.index(victim)]
+    assert victim_sim.record()["running"] is None
+
+
+def test_comfyui_crash_mid_job_moves_the_job_then_gives_up_naming_the_attempts(fleet_factory):
+    fleet = fleet_factory(**{**FAST_FAILOVER, "MAX_ATTEMPTS": "2"})
+    sims = [fleet.add_sim("--step-seconds", "0.03") for _ in range(3)]
+    for sim in sims:
+        fleet.add_worker(sim)
+    fleet.wait_workers()
+    fleet.start_api()
+
+    sims[0].faults(crash_at_step=3)
+    first = submit(fleet.url, job(steps=20))
+    doc = wait_status(fleet.url, first["task_id"], timeout=60)
+    assert doc["status"] == "succeeded", doc
+    log = record(fleet, first["task_id"])["attempt_log"]
+    # It only moved if it started on the crashing GPU; either way it succeeded once.
+    assert all(a["code"] in ("unreachable", "prompt_lost", "timeout") for a in log)
+
+    # Every GPU that is left crashes at step 3: two attempts, then a clear failure.
+    for sim in sims[1:]:
+        sim.faults(crash_at_step=3)
+    doomed = submit(fleet.url, job(steps=20))
+    failed = wait_status(fleet.url, doomed["task_id"], timeout=90)
+    assert failed["status"] == "failed", failed
+    error = failed["error"]
+    assert error["source"] == "comfyui" and "2 attempts" in error["message"]
+    assert len(error["details"]["attempts"]) == 2
+    assert len({a["gpu"] for a in error["details"]["attempts"]}) == 2  # two different GPUs named
+
+
+def test_comfyui_restarted_mid_job_lost_prompt_is_retried(fleet_factory):
+    fleet = fleet_factory(**{**FAST_FAILOVER, "COMFYUI_UNREACHABLE_DEADLINE": "30"})
+    sim = fleet.add_sim("--step-seconds", "0.05")
+    other = fleet.add_sim("--step-seconds", "0.05")
+    fleet.add_worker(sim, queue="gpu.test.a")
+    fleet.add_worker(other, queue="gpu.test.b")
+    fleet.wait_workers()
+    fleet.start_api()
+    task = submit(fleet.url, job(steps=40))
+    running = wait_status(fleet.url, task["task_id"], statuses=("running",))
+    restarted = sim if running["gpu"] == "gpu.test.a" else other
+    wait_until(lambda: restarted.record()["running"], 10, what="the prompt running in ComfyUI")
+    restarted.restart()  # comes back empty: the prompt is neither queued nor in history
+    done = wait_status(fleet.url, task["task_id"], timeout=60)
+    assert done["status"] == "succeeded", done
+    assert [a["code"] for a in record(fleet, task["task_id"])["attempt_log"]] == ["prompt_lost"]
+
+
+def test_silent_gpu_its_waiting_jobs_move_and_it_gets_nothing_new(fleet_factory):
+    fleet = fleet_factory(**FAST_FAILOVER)
+    sims = [fleet.add_sim("--step-seconds", "0.03") for _ in range(2)]
+    workers = [fleet.add_worker(sim) for sim in sims]
+    fleet.wait_workers()
+    fleet.start_api()
+    tasks = [submit(fleet.url, job(steps=15)) for _ in range(10)]
+    wait_until(lambda: redis.Redis.from_url(fleet.redis.url).zcard("cs:queued:gpu.test.1") >= 2, 10,
+               what="jobs waiting on gpu.test.1")
+    workers[1].send(signal.SIGSTOP)  # hung: alive but silent, like a frozen machine
+    try:
+        r = redis.Redis.from_url(fleet.redis.url)
+        wait_until(lambda: r.zcard("cs:queued:gpu.test.1") == 0, 15, what="the stranded jobs to move")
+        fresh = submit(fleet.url, job(steps=5))
+        assert record(fleet, fresh["task_id"])["queue"] == "gpu.test.0"
+        docs = all_done(fleet, [*tasks, fresh], timeout=90)
+    finally:
+        workers[1].send(signal.SIGCONT)
+    assert all(d["status"] == "succeeded" for d in docs), [d["status"] for d in docs]
+    assert_one_result_set(fleet, docs)
+    # Once it answers again it is healthy and takes work again.
+    wait_until(lambda: any(w["queue"] == "gpu.test.1" for w in requests.get(
+        fleet.url + "/api/v1/workers", timeout=5).json()["workers"]), 15, what="gpu.test.1 back")
+
+
+def test_job_longer_than_the_visibility_timeout_runs_once(fleet_factory):
+    fleet = fleet_factory(VISIBILITY_TIMEOUT="1")
+    sim = fleet.add_sim("--step-seconds", "0.13")
+    fleet.add_worker(sim)
+    fleet.wait_workers()
+    fleet.start_api()
+    task = submit(fleet.url, job(steps=100))  # ~13 s: Redis redelivers the unacked message meanwhile
+    done = wait_status(fleet.url, task["task_id"], timeout=60)
+    assert done["status"] == "succeeded"
+    prompt = record(fleet, task["task_id"])["prompt_id"]
+    assert sim.record()["submitted"] == [prompt]
+    assert record(fleet, task["task_id"])["attempts"] == 1
+
+
+def test_a_job_that_kills_its_worker_every_time_stops_after_max_attempts(fleet_factory):
+    fleet = fleet_factory(**{**FAST_FAILOVER, "MAX_ATTEMPTS": "2"})
+    sim = fleet.add_sim("--step-seconds", "0.05")
+    worker = fleet.add_worker(sim)
+    fleet.wait_workers()
+    fleet.start_api()
+    task = submit(fleet.url, job(steps=100))
+    for attempt in (1, 2):
+        wait_until(lambda: record(fleet, task["task_id"]).get("attempts") == attempt
+                   and record(fleet, task["task_id"])["status"] == "running", 30, what=f"attempt {attempt}")
+        worker.stop(signal.SIGKILL)
+        worker.start()  # the operator's supervisor brings it back; the job kills it again
+    done = wait_status(fleet.url, task["task_id"], timeout=60)
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "worker_lost" and "2 attempts" in done["error"]["message"]
+
+
+def test_added_worker_takes_work_without_restarting_anything(fleet_factory):
+    fleet = fleet_factory()
+    fleet.add_worker(fleet.add_sim("--step-seconds", "0.03"))
+    fleet.wait_workers()
+    fleet.start_api()
+    before = [submit(fleet.url, job(steps=20)) for _ in range(4)]
+    fleet.add_worker(fleet.add_sim("--step-seconds", "0.03"), queue="gpu.test.new")
+    fleet.wait_workers(2)
+    after = [submit(fleet.url, job(steps=20)) for _ in range(4)]
+    docs = all_done(fleet, [*before, *after])
+    assert all(d["status"] == "succeeded" for d in docs)
+    assert any(d["gpu"] == "gpu.test.new" for d in docs[4:])
+
+
+def test_gpu_never_waits_for_the_service_between_jobs(fleet_factory):
+    fleet = fleet_factory()
+    sim = fleet.add_sim("--step-seconds", "0.02")
+    fleet.add_worker(sim)
+    fleet.wait_workers()
+    fleet.start_api()
+    docs = all_done(fleet, [submit(fleet.url, job(steps=10)) for _ in range(6)])
+    assert all(d["status"] == "succeeded" for d in docs)
+    rec = sim.record()
+    busy = sorted(rec["busy"], key=lambda b: b["start"])
+    # Each next prompt was already inside ComfyUI before the previous one ended...
+    for previous, following in zip(busy, busy[1:]):
+        assert rec["queued_at"][following["prompt_id"]] < previous["end"]
+    # ...so the GPU went straight on to it.
+    gaps = [following["start"] - previous["end"] for previous, following in zip(busy, busy[1:])]
+    assert statistics.median(gaps) < 0.01, gaps
