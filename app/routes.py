@@ -92,7 +92,8 @@ def generate():
         "created_at": now_iso(), "expected_images": rendered.expected_images, "cancel_requested": False,
         "cost": rendered.cost, "checkpoint": rendered.checkpoint, "pin": pin, "attempts": 0, "attempt_log": [],
     }
-    svc.store.create(record, payload={"graph": rendered.api, "ui": rendered.ui})
+    svc.store.create(record, payload={"graph": rendered.api, "ui": rendered.ui,
+                                             "progress_repeats": rendered.progress_repeats})
     send(svc.celery, task_id, queue, record)
     response = jsonify(_document(task_id))
     response.status_code = 202

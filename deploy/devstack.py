@@ -79,7 +79,15 @@ class Stack:
         say("stopped")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # Explicit handlers: a shell that starts us in the background leaves SIGINT ignored,
+    # and SIGTERM (kill, docker stop) must stop the stack as cleanly as Ctrl-C.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     stack = Stack()
     env: dict[str, str] = {}
     try:

@@ -75,3 +75,24 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, "rep_" + report.when, report)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint on loopback: moto in server mode."""
+    import subprocess
+
+    import requests
+
+    from tests.support.procs import wait_until
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: requests.get(url, timeout=1).status_code < 500, 20, what="moto S3 server")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -238,3 +238,26 @@ def test_gpu_never_waits_for_the_service_between_jobs(fleet_factory):
     # ...so the GPU went straight on to it.
     gaps = [following["start"] - previous["end"] for previous, following in zip(busy, busy[1:])]
     assert statistics.median(gaps) < 0.01, gaps
+
+
+def test_warm_shutdown_drains_the_worker_and_moves_what_waits(fleet_factory):
+    fleet = fleet_factory()
+    sims = [fleet.add_sim("--step-seconds", "0.03") for _ in range(2)]
+    workers = [fleet.add_worker(sim) for sim in sims]
+    fleet.wait_workers()
+    fleet.start_api()
+    tasks = [submit(fleet.url, job(steps=30)) for _ in range(10)]
+    r = redis.Redis.from_url(fleet.redis.url)
+    wait_until(lambda: r.scard("cs:running:gpu.test.1") == 2 and r.zcard("cs:queued:gpu.test.1") >= 1, 15,
+               what="gpu.test.1 busy with jobs waiting behind")
+    running_there = {m.decode() for m in r.smembers("cs:running:gpu.test.1")}
+    workers[1].proc.send_signal(signal.SIGTERM)  # warm shutdown, as `celery control shutdown` or a deploy does
+    docs = all_done(fleet, tasks, timeout=90)
+    workers[1].proc.wait(30)
+    assert all(d["status"] == "succeeded" for d in docs), [d["status"] for d in docs]
+    by_id = {d["task_id"]: d for d in docs}
+    assert all(by_id[t]["gpu"] == "gpu.test.1" for t in running_there)  # finished where they ran
+    assert sum(d["gpu"] == "gpu.test.0" for d in docs) >= 10 - len(running_there) - 2
+    assert_one_result_set(fleet, docs)
+    assert "gpu.test.1" not in {w["queue"] for w in requests.get(fleet.url + "/api/v1/workers", timeout=5).json()[
+        "workers"]}

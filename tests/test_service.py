@@ -71,6 +71,25 @@ def test_generate_runs_storydiffusion_and_serves_its_images(fleet):
         assert json.loads(png.info["workflow"])["nodes"]
 
 
+def test_images_stored_in_s3_are_served_by_the_api(fleet_factory, s3_endpoint):
+    import boto3
+
+    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket="comfy-outputs")
+    fleet = fleet_factory(STORAGE_BACKEND="s3", S3_BUCKET="comfy-outputs", S3_ENDPOINT_URL=s3_endpoint, **creds)
+    fleet.add_worker(fleet.add_sim("--step-seconds", "0.02"))
+    fleet.wait_workers()
+    fleet.start_api()
+    done = wait_status(fleet.url, submit(fleet.url, story())["task_id"])
+    assert done["status"] == "succeeded", done
+    listed = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
+                          aws_secret_access_key="test").list_objects_v2(Bucket="comfy-outputs")
+    assert len(listed["Contents"]) == 2 and not (fleet.workdir / "outputs").exists()
+    image = requests.get(fleet.url + done["result"]["images"][1]["url"], timeout=5)
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+
+
 def test_sdxl_workflow_and_random_seed_reported(fleet):
     task = submit(fleet.url, {"workflow": "sdxl", "prompt": "a lighthouse at dusk", "width": 512, "height": 256})
     assert 0 <= task["params"]["seed"] <= 2**31 - 1

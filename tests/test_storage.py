@@ -1,31 +1,12 @@
 """Output storage: a local directory and S3 (a real S3 endpoint: moto in server mode)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import boto3
 import pytest
-import requests
 
 from common.storage import LocalStorage, S3Storage, make_key
-from tests.support.procs import free_port, wait_until
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: requests.get(url, timeout=1).status_code < 500, 20, what="moto S3 server")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture

@@ -33,6 +33,11 @@ def make_celery(settings=None) -> Celery:
         task_send_sent_event=True,
         worker_send_task_events=True,
         worker_hijack_root_logger=False,
+        # `celery -A workers.celery_app worker -Q gpu.<host>.<n>` gets the same pool as
+        # `python -m workers`: threads (control commands answer while jobs run), one slot for
+        # the running prompt and one for the next, already queued inside ComfyUI.
+        worker_pool="threads",
+        worker_concurrency=settings.worker_concurrency,
         # Jobs are always routed to a GPU queue by the dispatcher; nothing uses the default queue.
         task_default_queue="comfy.unrouted",
         task_create_missing_queues=True,

@@ -82,7 +82,10 @@ def run_workflow(self, task_id: str) -> dict:
     runtime = get_runtime()
     store = runtime.store
     record = store.get(task_id)
-    if record is None or record["status"] != QUEUED or record["queue"] != runtime.queue:
+    # The queue this message came from: our own, or another GPU's that an operator told this
+    # worker to consume (`celery control add_consumer`) to drain it.
+    source = (self.request.delivery_info or {}).get("routing_key") or runtime.queue
+    if record is None or record["status"] != QUEUED or record["queue"] != source:
         # Cancelled while waiting in Celery (it never reaches the GPU), moved to another GPU,
         # already running elsewhere (a redelivery), or done: nothing to do.
         log.info("task %s not started here: %s", task_id,
@@ -90,7 +93,7 @@ def run_workflow(self, task_id: str) -> dict:
         raise Ignore()
     attempts = int(record.get("attempts", 0)) + 1
     applied, before = store.transition(
-        task_id, allowed=(QUEUED,), status=RUNNING, on_queue=runtime.queue, started_at=now_iso(),
+        task_id, allowed=(QUEUED,), status=RUNNING, on_queue=source, queue=runtime.queue, started_at=now_iso(),
         gpu=runtime.queue, comfyui=runtime.settings.comfyui_url, worker=runtime.instance, attempts=attempts,
     )
     if not applied:
@@ -113,7 +116,7 @@ def _run(task, runtime, record: dict, payload: dict) -> dict:
     prompt_id = str(uuid.uuid4())
     store.update(task_id, prompt_id=prompt_id)
     extra = {"extra_pnginfo": {"workflow": payload["ui"]}} if payload.get("ui") else None
-    tracker = ProgressTracker(graph)
+    tracker = ProgressTracker(graph, payload.get("progress_repeats"))
     last_sent, gpu_started, sampled, outcome = 0.0, None, False, None
     try:
         client.submit(graph, prompt_id=prompt_id, extra_data=extra)

@@ -24,6 +24,7 @@ class Workflow:
     bind: Callable[[Any, str], dict[tuple[str, str], object]]
     expected_images: Callable[[Any], int]
     cost: Callable[[Any], float]
+    progress_repeats: Callable[[Any], dict[str, int]]
 
     def parse(self, fields: dict) -> WorkflowParams:
         """Validate the request's fields; raises pydantic.ValidationError naming each bad field."""
@@ -41,6 +42,7 @@ def _load(name: str) -> Workflow:
         name=name, title=package.TITLE, description=package.DESCRIPTION, params_model=params.Params,
         api=json.loads((folder / "api.json").read_text()), ui=json.loads((folder / "ui.json").read_text()),
         bind=params.bindings, expected_images=params.expected_images, cost=params.cost,
+        progress_repeats=params.progress_repeats,
     )
 
 

@@ -19,6 +19,7 @@ class Rendered:
     expected_images: int
     cost: float  # work units (sampler steps of a 1024² image) for dispatch
     checkpoint: str | None
+    progress_repeats: dict  # node id → how often it runs its steps (progress restarts each time)
 
 
 def resolve_seed(params: WorkflowParams, rng: random.Random | None = None) -> WorkflowParams:
@@ -41,4 +42,5 @@ def render(workflow: Workflow, params: WorkflowParams, output_prefix: str) -> Re
         workflow=workflow.name, params=params.model_dump(mode="json"), api=api,
         ui=apply_widgets(workflow.ui, api), expected_images=workflow.expected_images(params),
         cost=round(workflow.cost(params), 6), checkpoint=getattr(params, "checkpoint", None),
+        progress_repeats=workflow.progress_repeats(params),
     )

@@ -41,3 +41,7 @@ def expected_images(params: Params) -> int:
 def cost(params: Params) -> float:
     """Work in sampler steps of a 1024×1024 image: what dispatch multiplies by a GPU's speed."""
     return params.steps * params.width * params.height / 1024**2
+
+
+def progress_repeats(params: Params) -> dict[str, int]:
+    return {}

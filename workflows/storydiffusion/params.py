@@ -115,3 +115,8 @@ def expected_images(params: Params) -> int:
 def cost(params: Params) -> float:
     """Work in sampler steps of a 1024×1024 image: what dispatch multiplies by a GPU's speed."""
     return params.steps * len(params.scenes) * params.width * params.height / 1024**2
+
+
+def progress_repeats(params: Params) -> dict[str, int]:
+    """The plugin's sampler runs its steps once per scene: progress restarts for each image."""
+    return {"352": len(params.scenes)}

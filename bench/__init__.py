@@ -1,0 +1,1 @@
+"""The comfy-service benchmark suite: `python -m bench` (see bench/README.md)."""

@@ -1,0 +1,94 @@
+"""`python -m bench [--quick] [--out DIR] [FIGURE ...]`: run the benchmark suite (see bench/README.md).
+
+Prints one line per figure, then writes results.json and performance.md with its plots.
+Every figure is measured against a baseline taken in the same run; nothing is typed by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench import harness, report
+
+REPO = Path(__file__).resolve().parents[1]
+# Cheapest first; each module's run(quick) returns the figure's dict.
+FIGURES = ["idle", "overhead", "cancel", "progress", "dispatch", "throughput", "scale"]
+# Wall-clock limit per figure (full run); a figure past it is stopped and reported as failed.
+LIMITS = {"idle": 60, "overhead": 120, "cancel": 90, "progress": 90, "dispatch": 150, "throughput": 150,
+          "scale": 180}
+
+
+class FigureTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise FigureTimeout("figure ran past its time limit")
+
+
+def _terminate(signum, frame):
+    harness.stop_all()
+    sys.exit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("figures", nargs="*", metavar="FIGURE", help=f"any of {', '.join(FIGURES)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke test, not a measurement")
+    parser.add_argument("--out", type=Path, help="write results.json, performance.md and plots here "
+                        "(default: bench/results.json, docs/performance.md, docs/perf-*.png)")
+    args = parser.parse_args(argv)
+    unknown = [f for f in args.figures if f not in FIGURES]
+    if unknown:
+        parser.error(f"unknown figure(s) {unknown}; choose from {FIGURES}")
+    chosen = [f for f in FIGURES if f in args.figures] or FIGURES
+    results_path = (args.out / "results.json") if args.out else REPO / "bench" / "results.json"
+    docs_dir = args.out or REPO / "docs"
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGALRM, _alarm)
+    previous = json.loads(results_path.read_text()) if results_path.exists() else {}
+    figures = dict(previous.get("figures", {}))
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    try:
+        for name in chosen:
+            t0 = time.monotonic()
+            signal.alarm(LIMITS[name])
+            try:
+                result = importlib.import_module(f"bench.{name}").run(quick=args.quick)
+            except Exception as exc:  # noqa: BLE001 - one broken figure must not hide the others
+                traceback.print_exc()
+                result = {"title": name, "line": f"ERROR: {type(exc).__name__}: {exc}".splitlines()[0],
+                          "error": f"{type(exc).__name__}: {exc}", "met": False}
+            finally:
+                signal.alarm(0)
+                harness.stop_all()  # whatever the figure left running (after an error or timeout)
+            result.update(seconds=round(time.monotonic() - t0, 1), quick=args.quick,
+                          measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            figures[name] = result
+            verdict = "ERROR" if "error" in result else ("met" if result.get("met") else "MISSED")
+            print(f"{name:<10} {verdict:<6} {result['line']}  [{result['seconds']:.0f} s]", flush=True)
+    finally:
+        harness.stop_all()
+    results = {"generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
+               "ran": chosen, "run_seconds": round(time.monotonic() - started, 1), "load_avg_before": load_before,
+               "host": harness.host_info(), "figures": {k: figures[k] for k in FIGURES if k in figures}}
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    doc = report.write(results, docs_dir)
+    print(f"bench: {len(chosen)} figure(s) in {results['run_seconds']:.0f} s → {results_path.relative_to(REPO) if results_path.is_relative_to(REPO) else results_path}, "
+          f"{doc.relative_to(REPO) if doc.is_relative_to(REPO) else doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

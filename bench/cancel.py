@@ -1,0 +1,137 @@
+"""Figure 4: cancel latency at each stage a job can be in.
+
+Each round puts three jobs in place on one simulator: A running, B waiting inside ComfyUI's
+queue (the worker keeps the next prompt there), C still in Celery (both worker slots are
+taken). Then DELETE C, B, A in turn and time, from just before each DELETE:
+
+- → the simulator stops it: B's deletion is seen as ComfyUI's `status` broadcast on our own
+  websocket; A's stop is its busy-record end (outcome `interrupted`), the interrupt's
+  arrival (`interrupts[].t`) beside it; C never reaches the simulator (checked).
+- → the API shows `cancelled` (the DELETE answer, or the first GET after it).
+
+Baseline in the same run: ComfyClient.cancel() straight on the simulator for a running and
+a pending prompt (the floor of stopping a prompt in ComfyUI at all).
+"""
+from __future__ import annotations
+
+import time
+
+from bench.harness import API, StatusListener, rendered, short_job, stack, summary, wait_until
+from workers.comfy_client import ComfyClient
+
+GOAL_P95_MS = 50.0
+LONG = {"steps": 100, "scenes": 4}  # 4 s of 10 ms steps: only our cancel ends it
+
+
+def _delete(s, task_id: str) -> float:
+    """DELETE, then (if the answer was 202) poll: when the API first showed `cancelled`."""
+    doc = s.http.delete(f"{s.url}{API}/tasks/{task_id}", timeout=10).json()
+    while doc.get("status") != "cancelled":
+        if doc.get("status") in ("succeeded", "failed"):
+            raise RuntimeError(f"task {task_id} ended {doc['status']} instead of cancelled")
+        time.sleep(0.001)
+        doc = s.task(task_id)
+    return time.time()
+
+
+def _running(sim, prompt_id: str) -> bool:
+    return (sim.record()["running"] or {}).get("prompt_id") == prompt_id
+
+
+def _prompt(s, task_id: str):
+    return s.record(task_id).get("prompt_id")
+
+
+def _service_round(s, sim, listener) -> dict:
+    a = s.submit(short_job(**LONG))["task_id"]
+    pa = wait_until(lambda: _prompt(s, a), 10, interval=0.005, what="A submitted")
+    wait_until(lambda: _running(sim, pa), 10, interval=0.005, what="A running")
+    b = s.submit(short_job(**LONG))["task_id"]
+    pb = wait_until(lambda: _prompt(s, b), 10, interval=0.005, what="B submitted")
+    wait_until(lambda: pb in sim.record()["queued_at"], 10, interval=0.005, what="B in ComfyUI's queue")
+    c = s.submit(short_job())["task_id"]
+    time.sleep(0.05)  # C would be taken by now if a worker slot were free
+    if s.record(c)["status"] != "queued":
+        raise RuntimeError("C left Celery although both worker slots were busy")
+    out = {}
+    t0 = time.time()
+    out["celery_api"] = _delete(s, c) - t0
+    t0 = time.time()
+    out["pending_api"] = _delete(s, b) - t0
+    t_deleted = listener.first_after(t0)
+    out["pending_sim"] = None if t_deleted is None else t_deleted - t0
+    t0 = time.time()
+    out["running_api"] = _delete(s, a) - t0
+    busy = wait_until(lambda: next((x for x in sim.record()["busy"] if x["prompt_id"] == pa), None), 10,
+                      interval=0.005, what="A stopped")
+    record = sim.record()
+    out["running_sim"] = busy["end"] - t0
+    out["running_interrupt"] = next(i["t"] for i in record["interrupts"] if i["interrupted_prompt_id"] == pa) - t0
+    if busy["outcome"] != "interrupted" or pb not in record["deleted"]:
+        raise RuntimeError(f"A {busy['outcome']}, B deleted: {pb in record['deleted']}")
+    s.wait_records([a, b, c], timeout=20)
+    wait_until(lambda: s.record(c).get("prompt_id") is None and sim.record()["running"] is None, 5,
+               what="C never reached ComfyUI")
+    return out
+
+
+def _direct_round(client: ComfyClient, sim, listener, n: int) -> dict:
+    x = client.submit(rendered(short_job(**LONG), f"cx_{n}").api).prompt_id
+    y = client.submit(rendered(short_job(**LONG), f"cy_{n}").api).prompt_id
+    wait_until(lambda: _running(sim, x), 10, interval=0.005, what="X running")
+    t0 = time.time()
+    client.cancel(y)
+    t_deleted = listener.first_after(t0)
+    t1 = time.time()
+    client.cancel(x)
+    busy = wait_until(lambda: next((b for b in sim.record()["busy"] if b["prompt_id"] == x), None), 10,
+                      interval=0.005, what="X stopped")
+    client.forget(x)
+    client.forget(y)
+    return {"pending_sim": None if t_deleted is None else t_deleted - t0, "running_sim": busy["end"] - t1}
+
+
+def run(quick: bool = False) -> dict:
+    rounds = 3 if quick else 25
+    samples: dict[str, list] = {}
+    base: dict[str, list] = {}
+    with stack("cancel") as s:
+        sim = s.sim(step=0.01)
+        s.worker(sim)
+        s.api()
+        s.ready()
+        s.wait_records([s.submit(short_job())["task_id"]])  # warm
+        listener = StatusListener(sim.url)
+        try:
+            with ComfyClient(sim.url, timeout=10) as client:
+                for n in range(rounds):
+                    for k, v in _service_round(s, sim, listener).items():
+                        samples.setdefault(k, []).append(v)
+                    for k, v in _direct_round(client, sim, listener, n).items():
+                        base.setdefault(k, []).append(v)
+        finally:
+            listener.close()
+    stats = {k: summary(v) for k, v in samples.items()}
+    base_stats = {k: summary(v) for k, v in base.items()}
+    # The goal covers every stage, both ends: the simulator stopping it and the API showing it.
+    judged = ["celery_api", "pending_sim", "pending_api", "running_sim", "running_api"]
+    worst = max(judged, key=lambda k: stats[k]["p95"])
+    met = all(stats[k]["p95"] <= GOAL_P95_MS for k in judged)
+    return {
+        "title": "Cancel latency",
+        "line": (f"p95 running: sim stops {stats['running_sim']['p95']:.1f} / API {stats['running_api']['p95']:.1f} ms; "
+                 f"pending in ComfyUI: sim {stats['pending_sim']['p95']:.1f} / API {stats['pending_api']['p95']:.1f} ms; "
+                 f"in Celery: API {stats['celery_api']['p95']:.1f} ms (direct client floor: running "
+                 f"{base_stats['running_sim']['p95']:.1f}, pending {base_stats['pending_sim']['p95']:.1f} ms); "
+                 f"goal p95 ≤ {GOAL_P95_MS:g} ms"),
+        "value": {k: stats[k]["p95"] for k in judged},
+        "worst": {"stage": worst, "p95_ms": stats[worst]["p95"]},
+        "goal": f"p95 ≤ {GOAL_P95_MS:g} ms at every stage",
+        "met": met,
+        "baseline": {"name": "ComfyClient.cancel() on the simulator directly", "ms": base_stats,
+                     "difference_p95_ms": {k: round(stats[k]["p95"] - base_stats[k]["p95"], 2) for k in base_stats}},
+        "stages_ms": stats,
+        "setup": {"rounds": rounds, "simulator": "--step-seconds 0.01 (an interrupt lands at the next step, ≤ 10 ms)",
+                  "api": "gunicorn gthread -w 2 --threads 16", "worker": "WORKER_CONCURRENCY=2"},
+        "series": {k: [round(x * 1000, 3) for x in v if x is not None] for k, v in samples.items()},
+    }
