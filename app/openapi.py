@@ -74,8 +74,13 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
     for name, workflow in catalog.items():
         schema = workflow.params_model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
-        schema["properties"] = {"workflow": {"const": name, "description": "Which workflow to run."},
-                                **schema["properties"]}
+        schema["properties"] = {
+            "workflow": {"const": name, "description": "Which workflow to run."},
+            "gpu": {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,128}$",
+                    "description": "Pin the job to this GPU queue (gpu.<host>.<index>)."},
+            "host": {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,128}$",
+                     "description": "Pin the job to any GPU of this host."},
+            **schema["properties"]}
         if name != "storydiffusion":
             schema.setdefault("required", []).insert(0, "workflow")
         model_name = f"Generate_{name}"
@@ -98,7 +103,8 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                     "413": _error_response("The body is too large."),
                     "415": _error_response("The body is not JSON."),
                     "422": _error_response("Unknown workflow or invalid parameters (details.errors names each field)."),
-                    "503": _error_response("Redis is down or no healthy GPU worker is available."),
+                    "503": _error_response("Redis is down (broker_unavailable), no healthy GPU worker is available "
+                                           "(no_worker), or none matches the pin (gpu_unavailable)."),
                 }}},
             "/api/v1/tasks/{task_id}": {
                 "parameters": [task_id],

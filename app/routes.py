@@ -89,7 +89,8 @@ def generate():
         raise ServiceError(503, code, message, {"workflow": name, **pin}, headers={"Retry-After": "5"})
     record = {
         "task_id": task_id, "status": QUEUED, "workflow": name, "queue": queue, "params": rendered.params,
-        "created_at": now_iso(), "expected_images": rendered.expected_images, "cancel_requested": False,
+        "created_at": now_iso(), "created_ms": int(time.time() * 1000),
+        "expected_images": rendered.expected_images, "cancel_requested": False,
         "cost": rendered.cost, "checkpoint": rendered.checkpoint, "pin": pin, "attempts": 0, "attempt_log": [],
     }
     svc.store.create(record, payload={"graph": rendered.api, "ui": rendered.ui,

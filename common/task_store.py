@@ -20,6 +20,8 @@ from typing import Iterable
 
 import redis
 
+from common import metrics
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 CANCEL_CHANNEL = "cs:cancel"
@@ -120,6 +122,7 @@ class TaskStore:
         pipe.set(payload_key(task_id), json.dumps(payload, separators=(",", ":")), ex=self.ttl)
         pipe.zadd(queued_key(queue), {task_id: time.time() * 1000})
         pipe.hset(load_key(queue), task_id, json.dumps(record.get("cost", 1.0)))
+        metrics.job_submitted(pipe, record["workflow"])
         pipe.execute()
 
     def payload(self, task_id: str) -> dict | None:
@@ -164,6 +167,9 @@ class TaskStore:
                   int(time.time() * 1000), json.dumps(owner) if owner else "", *_encode(fields)],
         )
         before = before.decode() if isinstance(before, bytes) else before
+        if applied and status in TERMINAL:
+            record = self.get(task_id) or {}
+            metrics.job_finished(self.redis, record, status, fields.get("error"))
         return bool(applied), (json.loads(before) if before else None)
 
     def update(self, task_id: str, **fields) -> None:

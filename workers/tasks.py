@@ -127,6 +127,7 @@ def _run(task, runtime, record: dict, payload: dict) -> dict:
             progress = None
             if isinstance(event, Started):
                 gpu_started = time.monotonic()
+                store.update(task_id, comfy_started_ms=int(time.time() * 1000))
             elif isinstance(event, Cached):
                 progress = tracker.cached(event.nodes)
             elif isinstance(event, Executing):
@@ -136,6 +137,7 @@ def _run(task, runtime, record: dict, payload: dict) -> dict:
                 progress = tracker.step(event.node, event.value, event.max)
             elif isinstance(event, (Succeeded, Failed, Interrupted)):
                 outcome = event
+                store.update(task_id, comfy_finished_ms=int(time.time() * 1000))
             if progress is not None and time.monotonic() - last_sent >= settings.progress_interval:
                 last_sent = time.monotonic()
                 task.update_state(state="PROGRESS", meta={"task_id": task_id, "progress": progress.as_dict()})

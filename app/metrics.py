@@ -1,0 +1,142 @@
+"""GET /metrics: Prometheus text built at scrape time from Redis (see common/metrics.py).
+
+Reading the shared Redis figures rather than keeping counters in process memory makes the
+endpoint correct under any number of gunicorn processes, API replicas and worker hosts.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from flask import Blueprint, Response, current_app
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from common import metrics
+from common.registry import WORKERS
+from common.task_store import queued_key
+
+blueprint = Blueprint("metrics", __name__)
+MIB = 1024 * 1024
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisCollector:
+    def __init__(self, services):
+        self.svc = services
+
+    def collect(self):
+        svc = self.svc
+        client = svc.redis
+        known = [_text(q) for q in client.zrange(WORKERS, 0, -1, withscores=False)]
+        pipe = client.pipeline(transaction=False)
+        pipe.hgetall(metrics.COUNTERS)
+        pipe.get(metrics.LAST_SUCCESS)
+        pipe.zrange(WORKERS, 0, -1, withscores=True)
+        for name in metrics.HISTOGRAMS:
+            pipe.hgetall(metrics.histogram_key(name))
+        for queue in known:
+            pipe.zcard(queued_key(queue))
+            pipe.zrange(queued_key(queue), 0, 0, withscores=True)
+        results = pipe.execute()
+        counters, last_success, seen = results[0], results[1], results[2]
+        histograms = dict(zip(metrics.HISTOGRAMS, results[3:3 + len(metrics.HISTOGRAMS)]))
+        per_queue = results[3 + len(metrics.HISTOGRAMS):]
+        yield from self._counters(counters)
+        yield from self._histograms(histograms)
+        yield from self._queues(known, per_queue)
+        yield from self._fleet(svc.registry.alive(), {_text(q): s for q, s in seen})
+        if last_success is not None:
+            yield GaugeMetricFamily("comfy_last_success_timestamp_seconds",
+                                    "Unix time of the last job that succeeded.", value=float(last_success))
+
+    @staticmethod
+    def _counters(raw: dict):
+        families = {
+            "submitted": CounterMetricFamily("comfy_jobs_submitted", "Jobs accepted.", labels=["workflow"]),
+            "succeeded": CounterMetricFamily("comfy_jobs_succeeded", "Jobs that succeeded.", labels=["workflow"]),
+            "failed": CounterMetricFamily("comfy_jobs_failed", "Jobs that failed, by error source and code.",
+                                          labels=["workflow", "source", "code"]),
+            "cancelled": CounterMetricFamily("comfy_jobs_cancelled", "Jobs cancelled.", labels=["workflow"]),
+        }
+        for field, value in raw.items():
+            kind, *labels = _text(field).split("|")
+            if kind in families:
+                families[kind].add_metric(labels, float(value))
+        yield from families.values()
+
+    @staticmethod
+    def _histograms(raw_by_name: dict):
+        help_text = {
+            "queue_wait": "Seconds from submission until ComfyUI started executing the job.",
+            "run": "Seconds ComfyUI spent executing the job.",
+            "overhead": "Seconds the service added: end to end minus waiting and running.",
+            "end_to_end": "Seconds from submission to the job's final state.",
+        }
+        for name, raw in raw_by_name.items():
+            family = HistogramMetricFamily(f"comfy_job_{name}_seconds", help_text[name], labels=["workflow"])
+            per_workflow: dict[str, dict[str, float]] = defaultdict(dict)
+            for field, value in raw.items():
+                workflow, key = _text(field).rsplit("|", 1)
+                per_workflow[workflow][key] = float(value)
+            for workflow, values in sorted(per_workflow.items()):
+                cumulative, buckets = 0.0, []
+                for bound in [*map(str, metrics.HISTOGRAMS[name]), "+Inf"]:
+                    cumulative += values.get(bound, 0.0)
+                    buckets.append((bound, cumulative))
+                family.add_metric([workflow], buckets, values.get("sum", 0.0))
+            yield family
+
+    @staticmethod
+    def _queues(known: list[str], per_queue: list):
+        depth = GaugeMetricFamily("comfy_queue_depth", "Jobs waiting per GPU queue.", labels=["queue"])
+        oldest = GaugeMetricFamily("comfy_queue_oldest_job_age_seconds",
+                                   "Age of the oldest job waiting per GPU queue (0 when none waits).", labels=["queue"])
+        now_ms = time.time() * 1000
+        for queue, count, first in zip(known, per_queue[::2], per_queue[1::2]):
+            depth.add_metric([queue], float(count))
+            oldest.add_metric([queue], max(now_ms - first[0][1], 0) / 1000 if first else 0.0)
+        yield depth
+        yield oldest
+
+    @staticmethod
+    def _fleet(alive: list[dict], last_seen: dict[str, float]):
+        now = time.time()
+        up = GaugeMetricFamily("comfy_worker_up", "1 while a GPU worker's heartbeat is alive.", labels=["queue", "host"])
+        comfy = GaugeMetricFamily("comfy_comfyui_up", "1 while the worker's ComfyUI answers.", labels=["queue", "url"])
+        age = GaugeMetricFamily("comfy_gpu_heartbeat_age_seconds", "Seconds since a worker's last heartbeat.",
+                                labels=["queue"])
+        gpu_labels = ["queue", "host", "gpu"]
+        util = GaugeMetricFamily("comfy_gpu_utilization_percent", "GPU utilisation.", labels=gpu_labels)
+        used = GaugeMetricFamily("comfy_gpu_memory_used_bytes", "GPU memory in use.", labels=gpu_labels)
+        total = GaugeMetricFamily("comfy_gpu_memory_total_bytes", "GPU memory in all.", labels=gpu_labels)
+        temp = GaugeMetricFamily("comfy_gpu_temperature_celsius", "GPU temperature.", labels=gpu_labels)
+        alive_queues = set()
+        for beat in alive:
+            queue, host = beat["queue"], beat.get("host", "")
+            alive_queues.add(queue)
+            up.add_metric([queue, host], 1.0)
+            comfy.add_metric([queue, beat.get("comfyui_url", "")], 1.0 if beat.get("comfyui_ok") else 0.0)
+            gpu = beat.get("gpu") or {}
+            labels = [queue, host, str(gpu.get("name") or "")]
+            for family, key, scale in ((util, "utilization", 1), (used, "memory_used_mb", MIB),
+                                       (total, "memory_total_mb", MIB), (temp, "temperature_c", 1)):
+                if gpu.get(key) is not None:
+                    family.add_metric(labels, float(gpu[key]) * scale)
+        for queue, seen in last_seen.items():
+            age.add_metric([queue], max(now - seen, 0.0))
+            if queue not in alive_queues:
+                host = queue[4:queue.rfind(".")] if queue.startswith("gpu.") and queue.count(".") >= 2 else ""
+                up.add_metric([queue, host], 0.0)
+        workers = GaugeMetricFamily("comfy_workers_alive", "GPU workers with a live heartbeat.", value=len(alive))
+        yield from (up, comfy, age, util, used, total, temp, workers)
+
+
+@blueprint.get("/metrics")
+def scrape():
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RedisCollector(current_app.extensions["comfy"]))
+    return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,90 @@
+"""Profiler evidence for a missed goal: py-spy samples of live service processes.
+
+py-spy reads another process's stacks from outside (no code change, no restart), so the
+process profiled is exactly the one measured. Results are summarised twice: by function
+(inclusive: share of samples with the function on the stack; self: at the top) and by
+package (where the CPU time itself goes: our code, Flask, Celery/kombu, redis-py, json...).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>.+?):\d+\)$")
+OURS = ("app/", "common/", "workers/", "workflows/", "comfyui_sim/")
+
+
+def available() -> str | None:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return exe if Path(exe).exists() else None
+
+
+def record(pids: list[int], seconds: float, rate: int = 200, idle: bool = False) -> list[tuple[list[str], int]]:
+    """Sample every pid at once for `seconds`; (stack root→leaf, count) pairs of them all."""
+    exe = available()
+    if exe is None:
+        raise RuntimeError("py-spy is not installed (pip install -r requirements.txt)")
+    out_dir = Path(tempfile.mkdtemp(prefix="bench-pyspy-"))
+    procs = []
+    for pid in pids:
+        cmd = [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
+               "--format", "raw", "--function", "--nonblocking", "-o", str(out_dir / f"{pid}.txt")]
+        procs.append(subprocess.Popen(cmd + (["--idle"] if idle else []), stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+    for proc in procs:
+        try:
+            proc.wait(seconds + 20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    stacks = []
+    for path in out_dir.glob("*.txt"):
+        for line in path.read_text().splitlines():
+            frames, _, count = line.rpartition(" ")
+            if frames and count.isdigit():
+                stacks.append((frames.split(";"), int(count)))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return stacks
+
+
+def _name(frame: str) -> tuple[str, str]:
+    m = FRAME.match(frame)
+    if not m:
+        return frame, ""
+    return m["func"], m["file"]
+
+
+def package(file: str) -> str:
+    for ours in OURS:
+        if ours in file and "site-packages" not in file:
+            return "ours: " + ours.rstrip("/")
+    if "site-packages/" in file:
+        return file.split("site-packages/")[1].split("/")[0].removesuffix(".py")
+    return "stdlib: " + file.split("/")[0].removesuffix(".py")  # py-spy shortens stdlib paths
+
+
+def summarize(stacks: list[tuple[list[str], int]], top: int = 12, ours_only: bool = False) -> dict:
+    total = sum(c for _, c in stacks) or 1
+    inclusive, own, by_package = Counter(), Counter(), Counter()
+    for frames, count in stacks:
+        names = [_name(f) for f in frames]
+        for func, file in set(names):
+            inclusive[(func, file)] += count
+        own[names[-1]] += count
+        by_package[package(names[-1][1])] += count
+
+    def row(key, n):
+        func, file = key
+        return {"function": func, "file": file, "inclusive_pct": round(100 * inclusive[key] / total, 1),
+                "self_pct": round(100 * own[key] / total, 1)}
+
+    keys = [k for k, _ in inclusive.most_common() if not ours_only or package(k[1]).startswith("ours")]
+    return {"samples": total,
+            "inclusive": [row(k, inclusive[k]) for k in keys[:top]],
+            "self": [row(k, own[k]) for k, _ in own.most_common(top)],
+            "by_package": [{"package": p, "self_pct": round(100 * n / total, 1)} for p, n in by_package.most_common(top)]}

@@ -1,0 +1,67 @@
+"""Job metrics kept in Redis, so every API process and worker host adds to the same figures.
+
+Counters and histogram buckets are Redis hash fields, incremented once per job event by the
+process whose state change applied (the task store calls `job_submitted` / `job_finished`).
+`/metrics` turns them into Prometheus families at scrape time (`app/metrics.py`); gauges
+(queue depth, GPUs, workers, ComfyUI up) come from the fleet registry at the same moment.
+"""
+from __future__ import annotations
+
+import bisect
+import time
+
+import redis
+
+COUNTERS = "cs:metrics:counters"
+LAST_SUCCESS = "cs:metrics:last_success"
+# Seconds; GPU jobs run from seconds to many minutes, service overhead in milliseconds.
+DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+OVERHEAD_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+HISTOGRAMS = {
+    "queue_wait": DURATION_BUCKETS,  # created → ComfyUI starts executing it
+    "run": DURATION_BUCKETS,  # ComfyUI execution start → end
+    "overhead": OVERHEAD_BUCKETS,  # end to end, minus both of the above
+    "end_to_end": DURATION_BUCKETS,  # created → final state recorded
+}
+
+
+def histogram_key(name: str) -> str:
+    return f"cs:metrics:hist:{name}"
+
+
+def _observe(pipe, name: str, workflow: str, seconds: float) -> None:
+    buckets = HISTOGRAMS[name]
+    index = bisect.bisect_left(buckets, seconds)
+    le = str(buckets[index]) if index < len(buckets) else "+Inf"
+    key = histogram_key(name)
+    pipe.hincrby(key, f"{workflow}|{le}", 1)  # per bucket here; cumulated when exported
+    pipe.hincrbyfloat(key, f"{workflow}|sum", seconds)
+    pipe.hincrby(key, f"{workflow}|count", 1)
+
+
+def job_submitted(pipe, workflow: str) -> None:
+    pipe.hincrby(COUNTERS, f"submitted|{workflow}", 1)
+
+
+def job_finished(client: redis.Redis, record: dict, status: str, error: dict | None = None) -> None:
+    """Count a job's final state and observe its timings (called once, by whoever ended it)."""
+    workflow = record.get("workflow", "unknown")
+    now_ms = time.time() * 1000
+    pipe = client.pipeline(transaction=False)
+    if status == "failed":
+        error = error or {}
+        pipe.hincrby(COUNTERS, f"failed|{workflow}|{error.get('source', 'service')}|{error.get('code', 'unknown')}", 1)
+    else:
+        pipe.hincrby(COUNTERS, f"{status}|{workflow}", 1)
+    if status == "succeeded":
+        pipe.set(LAST_SUCCESS, now_ms / 1000)
+    created, started, ended = record.get("created_ms"), record.get("comfy_started_ms"), record.get("comfy_finished_ms")
+    if created:
+        end_to_end = max(now_ms - created, 0) / 1000
+        _observe(pipe, "end_to_end", workflow, end_to_end)
+        if started and ended and status == "succeeded":
+            wait, run = max(started - created, 0) / 1000, max(ended - started, 0) / 1000
+            _observe(pipe, "queue_wait", workflow, wait)
+            _observe(pipe, "run", workflow, run)
+            _observe(pipe, "overhead", workflow, max(end_to_end - wait - run, 0.0))
+    pipe.execute()
