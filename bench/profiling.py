@@ -15,6 +15,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+SITE = Path(next(p for p in sys.path if p.endswith("site-packages")))
 FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>.+?):\d+\)$")
 OURS = ("app/", "common/", "workers/", "workflows/", "comfyui_sim/")
 
@@ -24,8 +25,11 @@ def available() -> str | None:
     return exe if Path(exe).exists() else None
 
 
-def record(pids: list[int], seconds: float, rate: int = 200, idle: bool = False) -> list[tuple[list[str], int]]:
-    """Sample every pid at once for `seconds`; (stack root→leaf, count) pairs of them all."""
+def record(pids: list[int], seconds: float, rate: int = 100, gil: bool = True) -> list[tuple[list[str], int]]:
+    """Sample every pid at once for `seconds`; (stack root→leaf, count) pairs of them all.
+
+    gil=True keeps only samples of the thread holding the GIL: where the CPU goes, not the
+    threads parked on a socket (py-spy would otherwise count a thread waiting in recv())."""
     exe = available()
     if exe is None:
         raise RuntimeError("py-spy is not installed (pip install -r requirements.txt)")
@@ -34,7 +38,7 @@ def record(pids: list[int], seconds: float, rate: int = 200, idle: bool = False)
     for pid in pids:
         cmd = [exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
                "--format", "raw", "--function", "--nonblocking", "-o", str(out_dir / f"{pid}.txt")]
-        procs.append(subprocess.Popen(cmd + (["--idle"] if idle else []), stdout=subprocess.DEVNULL,
+        procs.append(subprocess.Popen(cmd + (["--gil"] if gil else ["--idle"]), stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL))
     for proc in procs:
         try:
@@ -60,12 +64,12 @@ def _name(frame: str) -> tuple[str, str]:
 
 
 def package(file: str) -> str:
-    for ours in OURS:
-        if ours in file and "site-packages" not in file:
-            return "ours: " + ours.rstrip("/")
-    if "site-packages/" in file:
-        return file.split("site-packages/")[1].split("/")[0].removesuffix(".py")
-    return "stdlib: " + file.split("/")[0].removesuffix(".py")  # py-spy shortens stdlib paths
+    """py-spy shortens paths to what follows sys.path: `flask/app.py`, `app/routes.py`, `json/encoder.py`."""
+    file = file.split("site-packages/")[-1]
+    if file.startswith(OURS):
+        return "ours: " + file.split("/")[0]
+    top = file.split("/")[0].removesuffix(".py")
+    return top if (SITE / top).exists() or (SITE / f"{top}.py").exists() else f"stdlib: {top}"
 
 
 def summarize(stacks: list[tuple[list[str], int]], top: int = 12, ours_only: bool = False) -> dict:

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     s3_endpoint_url: str = Field("", validation_alias="S3_ENDPOINT_URL")
     s3_region: str = Field("us-east-1", validation_alias="S3_REGION")
 
+    # Flower (operators' view of Celery).
+    flower_address: str = Field("127.0.0.1", validation_alias="FLOWER_ADDRESS")
+    flower_port: int = Field(5555, validation_alias="FLOWER_PORT")
+    flower_basic_auth: str = Field("", validation_alias="FLOWER_BASIC_AUTH", description="user:password[,user2:pw2]")
+    flower_db: str = Field("var/flower.db", validation_alias="FLOWER_DB")
+
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
 
     @field_validator("storage_backend")

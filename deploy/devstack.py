@@ -129,8 +129,8 @@ def main() -> int:
                                   "-k", "gthread", "--threads", "16", "-w", os.environ.get("API_WORKERS", "2"),
                                   "--no-control-socket"], env)
         flower_port = os.environ.get("FLOWER_PORT", "5555")
-        stack.spawn("flower", [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower",
-                               "--address=127.0.0.1", f"--port={flower_port}"], env)
+        stack.spawn("flower", [sys.executable, "-m", "deploy.flower"],
+                    {**env, "FLOWER_PORT": flower_port, "FLOWER_DB": os.environ.get("FLOWER_DB", str(VAR / "flower.db"))})
         wait_http(f"http://{api_host}:{api_port}/healthz", api, "the API")
         say(f"API     http://{api_host}:{api_port}   (OpenAPI at /openapi.json)")
         say(f"Flower  http://127.0.0.1:{flower_port}")

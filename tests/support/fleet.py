@@ -99,10 +99,10 @@ class Fleet:
             return len(client.zrangebyscore("cs:workers", "-inf", "+inf")) >= count
         wait_until(ready, timeout, what=f"{count} worker heartbeats")
 
-    def start_api(self) -> Proc:
+    def start_api(self, processes: int = 1) -> Proc:
         self.api_port = self.api_port or free_port()
         self.api = Proc("api", [sys.executable, "-m", "gunicorn", "app.wsgi:app", "-b", f"127.0.0.1:{self.api_port}",
-                                "-k", "gthread", "--threads", "8", "-w", "1", "--graceful-timeout", "2", "--no-control-socket"],
+                                "-k", "gthread", "--threads", "8", "-w", str(processes), "--graceful-timeout", "2", "--no-control-socket"],
                         self.env(), self.workdir / "api.log").start()
 
         def up():
