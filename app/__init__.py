@@ -7,12 +7,14 @@ import redis
 from flask import Flask, jsonify
 from kombu.exceptions import OperationalError
 
-from app import errors
+from app import errors, security
 from app.errors import error_response
 from app.metrics import blueprint as metrics_blueprint
 from app.openapi import openapi_document
 from app.routes import api, probes
 from app.services import Services
+from app.task_logs import blueprint as task_logs_blueprint
+from common.logs import setup_logging
 from common.settings import Settings, get_settings
 
 log = logging.getLogger("comfy.api")
@@ -20,11 +22,13 @@ log = logging.getLogger("comfy.api")
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
     settings = settings or get_settings()
+    setup_logging("api", settings)  # idempotent: apps created again in one process add no sinks
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["comfy"] = services or Services.build(settings)
     errors.install(app)
+    security.install(app, settings, app.extensions["comfy"].redis)  # keys, rate limits, CORS
 
     @app.errorhandler(redis.RedisError)
     @app.errorhandler(OperationalError)
@@ -36,6 +40,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         return response
 
     app.register_blueprint(api, url_prefix="/api/v1")
+    app.register_blueprint(task_logs_blueprint, url_prefix="/api/v1")
     app.register_blueprint(probes)
     app.register_blueprint(metrics_blueprint)
     document = openapi_document(app.extensions["comfy"].catalog)

@@ -32,7 +32,7 @@ def field_errors(exc: ValidationError, prefix: str = "") -> list[dict]:
     """pydantic's errors as [{field, message}] with dotted field paths (scenes.2, characters.0.name)."""
     out = []
     for item in exc.errors(include_url=False, include_input=False):
-        path = ".".join(str(p) for p in item["loc"])
+        path = ".".join(str(p)[:64] for p in item["loc"])  # a caller's 10 kB field name is not echoed whole
         message = item["msg"].removeprefix("Value error, ")
         out.append({"field": prefix + path if path else prefix.rstrip("."), "message": message, "type": item["type"]})
     return out

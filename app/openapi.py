@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 document served at /openapi.json (request schemas come from the workflows)."""
 from __future__ import annotations
 
+from app.openapi_security import secure_document
 from workflows.catalog import Workflow
 
 REF = "#/components/schemas/{model}"
@@ -76,9 +77,9 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
         schemas.update(schema.pop("$defs", {}))
         schema["properties"] = {
             "workflow": {"const": name, "description": "Which workflow to run."},
-            "gpu": {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,128}$",
+            "gpu": {"type": "string", "maxLength": 128, "pattern": "^[A-Za-z0-9_.\\-]{1,128}$",
                     "description": "Pin the job to this GPU queue (gpu.<host>.<index>)."},
-            "host": {"type": "string", "pattern": "^[A-Za-z0-9_.\\-]{1,128}$",
+            "host": {"type": "string", "maxLength": 128, "pattern": "^[A-Za-z0-9_.\\-]{1,128}$",
                      "description": "Pin the job to any GPU of this host."},
             **schema["properties"]}
         if name != "storydiffusion":
@@ -89,7 +90,7 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
         variants.append({"$ref": REF.format(model=model_name)})
     task_id = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
     not_found = _error_response("No task with this id.")
-    return {
+    return secure_document({
         "openapi": "3.1.0",
         "info": {"title": "comfy-service", "version": "1.0.0",
                  "description": "Text-to-image jobs on a fleet of ComfyUI GPUs. Every error has the Error shape."},
@@ -127,6 +128,21 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                                       "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
                               "404": _error_response("No such task or image."),
                               "410": _error_response("The image expired from storage.")}}},
+            "/api/v1/tasks/{task_id}/logs": {"get": {
+                "summary": "One run's log lines: ComfyUI's (attributed by time) and the worker's",
+                "operationId": "getTaskLogs", "parameters": [task_id],
+                "responses": {"200": {"description": "The lines in time order (the last 2000 kept).",
+                                      "content": {"application/json": {"schema": {
+                                          "type": "object", "required": ["task_id", "lines"],
+                                          "properties": {
+                                              "task_id": {"type": "string", "format": "uuid"},
+                                              "lines": {"type": "array", "items": {
+                                                  "type": "object", "required": ["t", "source", "m"],
+                                                  "properties": {
+                                                      "t": {"type": "string", "format": "date-time"},
+                                                      "source": {"enum": ["comfyui", "worker"]},
+                                                      "m": {"type": "string"}}}}}}}}},
+                              "404": not_found}}},
             "/api/v1/workflows": {"get": {
                 "summary": "Workflows and their parameters as JSON Schema", "operationId": "listWorkflows",
                 "responses": {"200": {"description": "The workflows.", "content": {"application/json": {"schema": {
@@ -143,4 +159,4 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                                               "503": _error_response("Not ready (details say why).")}}},
         },
         "components": {"schemas": schemas},
-    }
+    })

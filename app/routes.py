@@ -1,6 +1,8 @@
 """HTTP routes under /api/v1, plus /healthz and /readyz."""
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import time
 import uuid
@@ -9,10 +11,12 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from pydantic import ValidationError
 
 from app.errors import ServiceError, field_errors
+from app.security import current_caller, load_task, owns, task_not_found, valid_task_id
 from app.task_view import API, task_document
-from common.task_store import CANCELLED, QUEUED, RUNNING, TERMINAL, now_iso
+from common.task_store import CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL, now_iso
 from common.dispatch import JobSpec, choose
 from common.jobs import send
+from workflows import raw
 from workflows.render import render, resolve_seed
 
 api = Blueprint("api", __name__)
@@ -23,63 +27,166 @@ DEFAULT_WORKFLOW = "storydiffusion"
 PIN_FIELDS = ("gpu", "host")
 PIN_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 CANCEL_WAIT_SECONDS = 3.0
+# Idempotency-Key: 1-255 printable ASCII characters, remembered per owner for 24 hours.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_PATTERN = re.compile(r"^[\x20-\x7e]{1,255}$")
+IDEMPOTENCY_TTL = 24 * 3600
+MAX_JSON_DEPTH = 32
+TOO_MANY_JOBS_RETRY_AFTER = "10"
 
 
 def services():
     return current_app.extensions["comfy"]
 
 
+_valid_task_id = valid_task_id  # the old name, for modules that still import it
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list) -> dict:
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key[:64]!r}")
+        obj[key] = value
+    return obj
+
+
+def _depth(value) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
 def _json_body() -> dict:
+    """The body as a JSON object: strict JSON (no NaN/Infinity, no duplicate keys, UTF-8,
+    nesting bounded), else a 4xx that says why."""
     if request.mimetype != "application/json":
         raise ServiceError(415, "unsupported_media_type", "send the body as JSON (Content-Type: application/json)",
-                           {"content_type": request.content_type})
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ServiceError(400, "invalid_json", "the body is not valid JSON")
+                           {"content_type": (request.content_type or "")[:200]})
+    try:
+        body = json.loads(request.get_data(cache=True).decode("utf-8"), parse_constant=_no_constants,
+                          object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise ServiceError(400, "invalid_json", f"the body is not valid JSON: {reason}") from None
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise ServiceError(400, "invalid_json", f"the body is nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(body, dict):
         raise ServiceError(400, "invalid_body", "the body must be a JSON object")
     return body
-
-
-def _valid_task_id(task_id: str) -> str:
-    try:
-        return str(uuid.UUID(task_id))
-    except ValueError:
-        raise ServiceError(404, "task_not_found", "no task with this id", {"task_id": task_id}) from None
 
 
 def _document(task_id: str) -> dict:
     svc = services()
     record, progress = svc.read_task(task_id)
     if record is None:
-        raise ServiceError(404, "task_not_found", "no task with this id", {"task_id": task_id})
+        raise task_not_found(task_id)
     position = svc.store.queue_position(record["queue"], task_id) if record["status"] == QUEUED else None
     return task_document(record, progress, position, svc.settings.public_url)
+
+
+def _accepted(task_id: str, replayed: bool = False):
+    response = jsonify(_document(task_id))
+    response.status_code = 202
+    response.headers["Location"] = f"{API}/tasks/{task_id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _idempotency_key(owner: str) -> str | None:
+    value = request.headers.get(IDEMPOTENCY_HEADER)
+    if value is None:
+        return None
+    if not IDEMPOTENCY_PATTERN.match(value) or not value.strip():
+        raise ServiceError(400, "invalid_idempotency_key",
+                           f"{IDEMPOTENCY_HEADER} must be 1 … 255 printable ASCII characters",
+                           {"field": IDEMPOTENCY_HEADER})
+    return f"cs:idem:{owner}:{hashlib.sha256(value.encode()).hexdigest()}"
+
+
+def _replay(stored: str | bytes, fingerprint: str):
+    """The first task of an Idempotency-Key (None when it expired), or 422 for another body."""
+    first = json.loads(stored)
+    if first.get("fingerprint") != fingerprint:
+        raise ServiceError(422, "idempotency_key_reused",
+                           f"this {IDEMPOTENCY_HEADER} was used for a different request body",
+                           {"field": IDEMPOTENCY_HEADER, "task_id": first.get("task_id")})
+    if services().store.get(first["task_id"]) is None:
+        return None
+    return _accepted(first["task_id"], replayed=True)
+
+
+def _render_raw(body: dict, task_id: str):
+    settings = services().settings
+    if not settings.allow_raw_workflows:
+        raise ServiceError(403, "raw_workflows_disabled",
+                           "raw workflows are disabled on this service; use a named workflow",
+                           {"field": "workflow", "available": sorted(services().catalog)})
+    unknown = sorted(set(body) - {"graph"})
+    if unknown or "graph" not in body:
+        field, message = (unknown[0][:64], "unknown field") if unknown else ("graph", "required")
+        raise ServiceError(422, "invalid_parameters", f"{field}: {message}", {
+            "workflow": raw.NAME, "errors": [{"field": field, "message": message, "type": "extra" if unknown
+                                              else "missing"}]})
+    try:
+        graph = raw.validate(body["graph"], raw.parse_allowlist(settings.raw_node_allowlist))
+    except raw.GraphError as exc:
+        first = exc.errors[0]
+        raise ServiceError(422, exc.code, f"{first['field']}: {first['message']}",
+                           {"workflow": raw.NAME, "errors": exc.errors[:50]}) from None
+    return raw.render_raw(graph, output_prefix=f"cs_{task_id}")
 
 
 @api.post("/generate")
 def generate():
     svc = services()
+    owner = current_caller().name
     body = _json_body()
+    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    idem_key = _idempotency_key(owner)
+    if idem_key:
+        stored = svc.redis.get(idem_key)
+        replay = _replay(stored, fingerprint) if stored else None
+        if replay is not None:
+            return replay
     name = body.pop("workflow", DEFAULT_WORKFLOW)
     pin = {key: body.pop(key) for key in PIN_FIELDS if key in body}
-    if not isinstance(name, str) or name not in svc.catalog:
-        raise ServiceError(422, "unknown_workflow", f"no workflow named {name!r}",
+    if not isinstance(name, str) or (name not in svc.catalog and name != raw.NAME):
+        shown = name[:64] if isinstance(name, str) else type(name).__name__
+        raise ServiceError(422, "unknown_workflow", f"no workflow named {shown!r}",
                            {"field": "workflow", "available": sorted(svc.catalog)})
     for key, value in pin.items():
         if not isinstance(value, str) or not PIN_PATTERN.match(value):
             raise ServiceError(422, "invalid_parameters", f"{key}: must be a GPU queue or host name",
                                {"errors": [{"field": key, "message": "must match " + PIN_PATTERN.pattern,
                                             "type": "pattern"}]})
-    workflow = svc.catalog[name]
-    try:
-        params = resolve_seed(workflow.parse(body))
-    except ValidationError as exc:
-        errors = field_errors(exc)
-        raise ServiceError(422, "invalid_parameters", f"{errors[0]['field']}: {errors[0]['message']}",
-                           {"workflow": name, "errors": errors}) from None
-    task_id = str(uuid.uuid4())
-    rendered = render(workflow, params, output_prefix=f"cs_{task_id}")
+    task_id = str(uuid.uuid4())  # random: task ids cannot be guessed
+    if name == raw.NAME:
+        rendered = _render_raw(body, task_id)
+        payload = {"graph": rendered.api, "progress_repeats": {}}  # no editor graph for a raw one
+    else:
+        workflow = svc.catalog[name]
+        try:
+            params = resolve_seed(workflow.parse(body))
+        except ValidationError as exc:
+            errors = field_errors(exc)
+            raise ServiceError(422, "invalid_parameters", f"{errors[0]['field']}: {errors[0]['message']}",
+                               {"workflow": name, "errors": errors}) from None
+        rendered = render(workflow, params, output_prefix=f"cs_{task_id}")
+        payload = {"graph": rendered.api, "ui": rendered.ui, "progress_repeats": rendered.progress_repeats}
 
     job = JobSpec(workflow=name, cost=rendered.cost, checkpoint=rendered.checkpoint, **pin)
     queue = choose(svc.registry.alive(), job)
@@ -89,31 +196,64 @@ def generate():
         raise ServiceError(503, code, message, {"workflow": name, **pin}, headers={"Retry-After": "5"})
     record = {
         "task_id": task_id, "status": QUEUED, "workflow": name, "queue": queue, "params": rendered.params,
-        "created_at": now_iso(), "created_ms": int(time.time() * 1000),
+        "owner": owner, "created_at": now_iso(), "created_ms": int(time.time() * 1000),
         "expected_images": rendered.expected_images, "cancel_requested": False,
         "cost": rendered.cost, "checkpoint": rendered.checkpoint, "pin": pin, "attempts": 0, "attempt_log": [],
     }
-    svc.store.create(record, payload={"graph": rendered.api, "ui": rendered.ui,
-                                             "progress_repeats": rendered.progress_repeats})
-    send(svc.celery, task_id, queue, record)
-    response = jsonify(_document(task_id))
-    response.status_code = 202
-    response.headers["Location"] = f"{API}/tasks/{task_id}"
-    return response
+    idempotency = None
+    if idem_key:
+        ttl = min(IDEMPOTENCY_TTL, svc.settings.result_ttl)
+        idempotency = (idem_key, json.dumps({"fingerprint": fingerprint, "task_id": task_id}), ttl)
+    for _ in range(2):
+        outcome, info = svc.store.create(record, payload, max_active=svc.settings.max_active_jobs,
+                                         max_active_per_owner=svc.settings.max_active_jobs_per_key,
+                                         idempotency=idempotency)
+        if outcome != "replay":
+            break
+        replay = _replay(info, fingerprint)  # a concurrent request with the same key won the race
+        if replay is not None:
+            return replay
+        svc.redis.delete(idem_key)  # the key's task expired: this request may take the key
+    else:
+        raise ServiceError(503, "idempotency_busy", "the Idempotency-Key is changing hands; retry",
+                           {"field": IDEMPOTENCY_HEADER}, headers={"Retry-After": "1"})
+    if outcome == "full":
+        whose = "this API key has" if info["scope"] == "key" else "the service has"
+        raise ServiceError(429, "too_many_jobs", f"{whose} {info['active']} unfinished jobs (limit {info['limit']}); "
+                           "wait for some to finish or cancel some", info,
+                           headers={"Retry-After": TOO_MANY_JOBS_RETRY_AFTER})
+    try:
+        send(svc.celery, task_id, queue, record)
+    except Exception:
+        # Never leave a queued record that no message will run (it would hold a job slot), nor an
+        # Idempotency-Key that would replay it: the caller's retry must queue the job afresh.
+        try:
+            svc.store.transition(task_id, allowed=(QUEUED,), status=FAILED, finished_at=now_iso(), error={
+                "source": "service", "code": "broker_unavailable", "message": "the job could not be queued",
+                "details": {}})
+            if idem_key:
+                svc.redis.delete(idem_key)
+        except Exception:  # noqa: BLE001 - Redis is down too: the original error says so
+            pass
+        raise
+    return _accepted(task_id)
 
 
 @api.get("/tasks/<task_id>")
 def get_task(task_id: str):
-    return jsonify(_document(_valid_task_id(task_id)))
+    svc = services()
+    task_id = valid_task_id(task_id)
+    record, progress = svc.read_task(task_id)  # one round trip: the polling path
+    if not owns(record):
+        raise task_not_found(task_id)
+    position = svc.store.queue_position(record["queue"], task_id) if record["status"] == QUEUED else None
+    return jsonify(task_document(record, progress, position, svc.settings.public_url))
 
 
 @api.delete("/tasks/<task_id>")
 def cancel_task(task_id: str):
     svc = services()
-    task_id = _valid_task_id(task_id)
-    record = svc.store.get(task_id)
-    if record is None:
-        raise ServiceError(404, "task_not_found", "no task with this id", {"task_id": task_id})
+    task_id, record = load_task(task_id)
     if record["status"] in TERMINAL:
         raise ServiceError(409, "task_finished", f"the task already ended: {record['status']}",
                            {"task_id": task_id, "status": record["status"]})
@@ -137,24 +277,25 @@ def cancel_task(task_id: str):
     return response
 
 
-@api.get("/tasks/<task_id>/images/<int:index>")
-def get_image(task_id: str, index: int):
+IMAGE_INDEX = re.compile(r"^[0-9]{1,9}$")  # ASCII digits only; anything else names no image
+
+
+@api.get("/tasks/<task_id>/images/<index>")
+def get_image(task_id: str, index: str):
     svc = services()
-    task_id = _valid_task_id(task_id)
-    record = svc.store.get(task_id)
-    if record is None:
-        raise ServiceError(404, "task_not_found", "no task with this id", {"task_id": task_id})
+    task_id, record = load_task(task_id)
     images = (record.get("result") or {}).get("images", [])
-    if not 0 <= index < len(images):
+    number = int(index) if IMAGE_INDEX.match(index) else -1
+    if not 0 <= number < len(images):
         raise ServiceError(404, "image_not_found", f"the task has {len(images)} image(s)",
-                           {"task_id": task_id, "status": record["status"], "index": index})
-    image = images[index]
-    data = svc.storage.get(image["key"])
+                           {"task_id": task_id, "status": record["status"], "index": index[:32]})
+    image = images[number]
+    data = svc.storage.get(image["key"])  # a key the worker made: <task id>/<attempt>_<n>.<ext>
     if data is None:
         raise ServiceError(410, "image_gone", "the image is no longer in storage", {"task_id": task_id})
     return Response(data, mimetype=image["content_type"],
                     headers={"Cache-Control": "private, max-age=86400",
-                             "Content-Disposition": f'inline; filename="{task_id}-{index}.png"'})
+                             "Content-Disposition": f'inline; filename="{task_id}-{number}.png"'})
 
 
 @api.get("/workflows")

@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in chosen:
             t0 = time.monotonic()
             signal.alarm(LIMITS[name])
+            foreign = harness.ForeignCpu()
             try:
-                result = importlib.import_module(f"bench.{name}").run(quick=args.quick)
+                with foreign:
+                    result = importlib.import_module(f"bench.{name}").run(quick=args.quick)
             except Exception as exc:  # noqa: BLE001 - one broken figure must not hide the others
                 traceback.print_exc()
                 result = {"title": name, "line": f"ERROR: {type(exc).__name__}: {exc}".splitlines()[0],
@@ -72,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 signal.alarm(0)
                 harness.stop_all()  # whatever the figure left running (after an error or timeout)
-            result.update(seconds=round(time.monotonic() - t0, 1), quick=args.quick,
+            result.update(seconds=round(time.monotonic() - t0, 1), quick=args.quick, foreign_cpu_cores=foreign.cores(),
                           measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             figures[name] = result
-            verdict = "ERROR" if "error" in result else ("met" if result.get("met") else "MISSED")
+            verdict = ("ERROR" if "error" in result else "info" if result.get("met") is None
+                       else "met" if result["met"] else "MISSED")
             print(f"{name:<10} {verdict:<6} {result['line']}  [{result['seconds']:.0f} s]", flush=True)
     finally:
         harness.stop_all()

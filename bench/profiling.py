@@ -53,6 +53,8 @@ def record(pids: list[int], seconds: float, rate: int = 100, gil: bool = True) -
             if frames and count.isdigit():
                 stacks.append((frames.split(";"), int(count)))
     shutil.rmtree(out_dir, ignore_errors=True)
+    if not stacks:
+        raise RuntimeError("py-spy took no samples (is ptrace permitted here? py-spy needs it)")
     return stacks
 
 
@@ -70,6 +72,45 @@ def package(file: str) -> str:
         return "ours: " + file.split("/")[0]
     top = file.split("/")[0].removesuffix(".py")
     return top if (SITE / top).exists() or (SITE / f"{top}.py").exists() else f"stdlib: {top}"
+
+
+def tree(stacks: list[tuple[list[str], int]], root: str, depth: int = 2, min_pct: float = 1.0,
+         relative: bool = False, max_frames: int = 12) -> list[dict]:
+    """Where the samples under function `root` go: its callees, and theirs to `depth` levels, each
+    as a share of all samples (of those under `root` when `relative`), largest first. A callee
+    that holds nearly all of its caller's samples is folded into the caller's row ("a → b"), so
+    the levels shown are the ones where time splits; "(self)" is time in the function itself."""
+    total = sum(c for frames, c in stacks if not relative or any(_name(f)[0] == root for f in frames)) or 1
+    trie: dict = {}
+    for frames, count in stacks:
+        names = [_name(f) for f in frames]
+        at = next((i for i, (func, _) in enumerate(names) if func == root), None)
+        if at is None:
+            continue
+        node, path = trie, names[at:at + max_frames]
+        for key in [*path, ("(self)", "") if at + max_frames >= len(names) else ("(deeper)", "")]:
+            entry = node.setdefault(key, [0, {}])
+            entry[0] += count
+            node = entry[1]
+    rows = []
+
+    def walk(children: dict, level: int):
+        for key, (count, below) in sorted(children.items(), key=lambda kv: -kv[1][0]):
+            pct = 100 * count / total
+            if pct < min_pct:
+                continue
+            chain, file = [key[0]], key[1]
+            while len(below) == 1 or (below and max(c for c, _ in below.values()) >= 0.9 * count):
+                (child, (c, grand)), = [max(below.items(), key=lambda kv: kv[1][0])]
+                if c < 0.9 * count or child[0] == "(self)":
+                    break
+                chain, file, below = [*chain, child[0]], child[1], grand
+            label = " → ".join(chain if len(chain) <= 3 else [chain[0], "…", chain[-1]])
+            rows.append({"level": level, "function": label, "file": file, "pct": round(pct, 1)})
+            if level < depth:
+                walk(below, level + 1)
+    walk(trie, 0)
+    return rows
 
 
 def summarize(stacks: list[tuple[list[str], int]], top: int = 12, ours_only: bool = False) -> dict:

@@ -1,3 +1,381 @@
+"""performance.md and its plots, written from results.json alone (a run rewrites both; no
+number in them is typed by hand)."""
+from __future__ import annotations
+
 from pathlib import Path
-def write(results, docs_dir):
-    p = Path(docs_dir) / "performance.md"; p.parent.mkdir(parents=True, exist_ok=True); p.write_text("stub\n"); return p
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+ORDER = [("overhead", 1), ("idle", 2), ("dispatch", 3), ("cancel", 4), ("throughput", 5), ("progress", 6),
+         ("scale", 7)]
+STAGES = {"celery_api": "in Celery → API shows cancelled", "pending_sim": "pending in ComfyUI → deleted there",
+          "pending_api": "pending in ComfyUI → API shows cancelled", "running_interrupt": "running → interrupt reaches ComfyUI",
+          "running_sim": "running → prompt stopped", "running_api": "running → API shows cancelled"}
+
+
+def _verdict(f: dict) -> str:
+    if "error" in f:
+        return "**error**"
+    return "info (no goal)" if f.get("met") is None else "met" if f["met"] else "**MISSED**"
+
+
+def _ms(d: dict | None, keys=("p50", "p95", "p99", "max")) -> str:
+    return " | ".join("–" if not d or d.get(k) is None else f"{d[k]:.2f}" for k in keys)
+
+
+def _save(fig, docs: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(docs / name, dpi=90)
+    plt.close(fig)
+    return f"![{name}]({name})"
+
+
+def _cdf(ax, values, label):
+    data = sorted(values)
+    if data:
+        ax.plot(data, [(i + 1) / len(data) for i in range(len(data))], label=label)
+
+
+# -- one section per figure -------------------------------------------------------------------
+def overhead(f: dict, docs: Path) -> list[str]:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    _cdf(a, f["series"]["service_ms"], "service (API → worker → ComfyUI → API)")
+    _cdf(a, f["series"]["floor_ms"], "floor (ComfyClient → ComfyUI)")
+    a.set(xlabel="time beyond ComfyUI's execution (ms)", ylabel="fraction of jobs", title="Overhead per job (CDF)")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    phases = f["phases_ms"]
+    names = list(phases)
+    b.barh(names, [phases[n]["p50"] for n in names], color="tab:blue", label="p50")
+    b.barh(names, [phases[n]["p95"] - phases[n]["p50"] for n in names], left=[phases[n]["p50"] for n in names],
+           color="tab:blue", alpha=0.3, label="p50 → p95")
+    b.invert_yaxis()
+    b.set(xlabel="ms", title="Service phases (ComfyUI's own execution left out)")
+    b.legend(fontsize=8)
+    img = _save(fig, docs, "perf-overhead.png")
+    rows = ["| | p50 | p95 | p99 | max |", "|---|---|---|---|---|",
+            f"| service: accept → result visible, less execution | {_ms(f['service_ms'])} |",
+            f"| floor: ComfyClient submit → outputs, less execution | {_ms(f['baseline']['ms'])} |",
+            f"| **difference** | {f['value']['p50_ms']:.2f} | {f['value']['p95_ms']:.2f} | {f['value']['p99_ms']:.2f} | |"]
+    phase_rows = ["| service phase | p50 | p95 | p99 | max |", "|---|---|---|---|---|"]
+    phase_rows += [f"| {k} | {_ms(v)} |" for k, v in f["phases_ms"].items()]
+    phase_rows += [f"| floor: {k} | {_ms(v)} |" for k, v in f["floor_phases_ms"].items()]
+    return [f"{f['setup']['jobs']} jobs ({f['setup']['workflow']}; simulator {f['setup']['simulator']}; "
+            f"{f['setup']['poll']}), alternating with the floor on the same simulator. Milliseconds:", "",
+            *rows, "", img, "", "Where the service's time goes (timestamps of API, Redis record and simulator, one clock):",
+            "", *phase_rows]
+
+
+def idle(f: dict, docs: Path) -> list[str]:
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.plot(f["series"]["service_ms"], ".", label="through the service")
+    ax.plot(f["series"]["baseline_ms"], "x", label="simulator fed directly", alpha=0.7)
+    ax.axhline(1.0, color="red", lw=0.8, ls="--", label="goal (median)")
+    ax.set(xlabel="prompt n → n+1", ylabel="GPU idle (ms)", title="Idle gap between consecutive prompts, backlog")
+    ax.legend(fontsize=8)
+    img = _save(fig, docs, "perf-idle.png")
+    return [f"{f['setup']['jobs']} jobs submitted by {f['setup']['submit']} ({f['setup']['workflow']}), "
+            f"{f['setup']['worker']}. Milliseconds:", "",
+            "| | p50 | p95 | p99 | max |", "|---|---|---|---|---|",
+            f"| through the service | {_ms(f['service_ms'])} |", f"| simulator's own queue | {_ms(f['baseline']['ms'])} |",
+            "", img]
+
+
+def dispatch(f: dict, docs: Path) -> list[str]:
+    s = f["series"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={"width_ratios": [3, 1.4]})
+    for k, q in enumerate(s["queues"]):
+        a.broken_barh([(start, end - start) for start, end, _ in s["per_gpu"][q]], (k - 0.4, 0.8),
+                      facecolors=f"C{k}", edgecolor="white", linewidth=0.3)
+    lb = f["baseline"]["seconds"]
+    a.axvline(lb, color="black", ls="--", lw=1, label=f"lower bound {lb:.1f} s")
+    a.set(yticks=range(len(s["queues"])), yticklabels=[f"{q} ({v:g}×)" for q, v in zip(s["queues"], s["speeds"])],
+          xlabel="seconds since the first POST", title="Real dispatcher, real run: each GPU's prompts")
+    a.legend(fontsize=8, loc="lower right")
+    names = ["real run", *f["model_ratio"]]
+    values = [f["value"]["ratio_to_lower_bound"], *f["model_ratio"].values()]
+    b.bar(range(len(names)), values, color=["tab:green", "tab:olive", "tab:cyan", "tab:gray", "tab:red"][:len(names)])
+    b.axhline(1.05, color="black", ls="--", lw=1, label="goal 1.05")
+    b.set_xticks(range(len(names)), [n.replace(" dispatcher", "\n(model)").replace(", true speeds", ",\ntrue\nspeeds")
+                                     .replace("-", "-\n") for n in names], fontsize=7)
+    b.set(ylabel="makespan / lower bound", title="Policies")
+    b.legend(fontsize=8)
+    img = _save(fig, docs, "perf-dispatch.png")
+    m, e = f["model"], f["effective_bound"]
+    rows = ["| policy | how | makespan / lower bound | / bound on fitted GPU costs | jobs per GPU (2×, 1×, 1×, 0.5×) |",
+            "|---|---|---|---|---|",
+            f"| real dispatcher | real run | **{f['value']['ratio_to_lower_bound']:.3f}** | {e['ratio']:.3f} | "
+            f"{f['real_jobs_per_gpu']} |"]
+    rows += [f"| {p} | model | {f['model_ratio'][p]:.3f} | {e['model_ratio'][p]:.3f} | {m[p]['jobs_per_gpu']} |" for p in m]
+    st = f["setup"]
+    rates = ", ".join(f"{v:.3f}" for v in f["measured_seconds_per_unit"].values())
+    true = ", ".join(f"{v:.3f}" for v in f.get("true_seconds_per_unit", {}).values())
+    return [f"{st['jobs']} jobs ({st['steps']} sampler steps of {st['step_seconds'] * 1000:g} ms at speed 1), "
+            f"GPUs at {st['speeds']}; submitted by {st['submit']} in {st['submit_seconds']:.2f} s after {st['warmup']} "
+            f"(seconds per cost unit measured by the workers: {rates}; the simulators' nominal: {true}). Lower bound {lb:.2f} s; the real run's last result "
+            f"{f['value']['makespan_s']:.2f} s, its last GPU busy end {f['gpu_makespan_s']:.2f} s after the first POST. "
+            f"The model runs each job for a·steps + b on its GPU, (a, b) fitted per simulator from the real run's busy "
+            f"record (a = {e['fitted_seconds_per_step']} s, b = {e['fitted_seconds_per_prompt']} s); the second bound "
+            f"({e['seconds']:.2f} s) uses the same fitted costs.", "", *rows, "", img]
+
+
+def cancel(f: dict, docs: Path) -> list[str]:
+    st = f["stages_ms"]
+    keys = [k for k in STAGES if k in f["series"]]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    ax.boxplot([f["series"][k] for k in keys], vert=False, whis=(5, 95))
+    ax.set_yticks(range(1, len(keys) + 1), [STAGES[k] for k in keys], fontsize=8)
+    ax.axvline(50, color="red", ls="--", lw=0.8, label="goal p95")
+    ax.set(xlabel="ms after DELETE", title="Cancel latency by stage (whiskers p5–p95)")
+    ax.legend(fontsize=8)
+    img = _save(fig, docs, "perf-cancel.png")
+    base = f["baseline"]["ms"]
+    rows = ["| stage | p50 | p95 | p99 | max | direct client p95 |", "|---|---|---|---|---|---|"]
+    rows += [f"| {STAGES[k]} | {_ms(st[k])} | {base[k]['p95']:.2f} |" if k in base else f"| {STAGES[k]} | {_ms(st[k])} | – |"
+             for k in keys]
+    return [f"{f['setup']['rounds']} rounds; simulator {f['setup']['simulator']}. The goal is judged on every row but "
+            "the interrupt's arrival (shown for where the time goes). Milliseconds:", "", *rows, "", img]
+
+
+def throughput(f: dict, docs: Path) -> list[str]:
+    runs = f["runs"]
+    conns = sorted({int(k.split("@")[1]) for k in runs if "@" in k})
+    kinds = ["healthz", "submit", "get"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    width = 0.8 / len(conns)
+    for i, c in enumerate(conns):
+        a.bar([k + i * width for k in range(3)], [runs[f"{kind}@{c}"]["rps"] for kind in kinds], width,
+              label=f"{c} connections")
+        b.bar([k + i * width for k in range(3)], [runs[f"{kind}@{c}"]["p99_ms"] for kind in kinds], width,
+              label=f"{c} connections")
+    a.axhline(1000, color="red", ls="--", lw=0.8, label="goal (submits)")
+    b.axhline(50, color="red", ls="--", lw=0.8, label="goal p99")
+    for ax, title, unit in ((a, "Requests per second", "req/s"), (b, "p99 latency", "ms")):
+        ax.set_xticks([k + width * (len(conns) - 1) / 2 for k in range(3)], ["GET /healthz", "POST /generate", "GET /tasks/{id}"])
+        ax.set(title=title, ylabel=unit)
+        ax.legend(fontsize=8)
+    b.set_yscale("log")
+    img = _save(fig, docs, "perf-throughput.png")
+    rows = ["| run | req/s | p50 ms | p99 ms | errors | API CPU ms / request | cores: API, Redis, load generator, other |",
+            "|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        c = r["cpu_cores"]
+        rows.append(f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+                    f"{r['api_cpu_ms_per_request']:.2f} | {c['api']}, {c['redis']}, {c['loadgen']}, {c['other']} |")
+    st = f["setup"]
+    return [f"{st['api']}; load generator {st['tool']}, {st['seconds_per_run']} s per run; worker: {st['worker']}; "
+            f"body: {st['body']}. `profiled` is a submit run under py-spy (slower, not judged).", "", *rows, "", img]
+
+
+def progress(f: dict, docs: Path) -> list[str]:
+    tl = f["series"]["timeline"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
+    a.step([t for t, _ in tl["emitted"]], [k for _, k in tl["emitted"]], where="post", label="emitted by the simulator")
+    a.step([t for t, _ in tl["visible"]], [k for _, k in tl["visible"]], "o-", where="post", ms=3,
+           label="visible in GET /tasks/{id}")
+    a.set(xlabel="s", ylabel="sampler step", title="One job: progress emitted vs visible")
+    a.legend(fontsize=8)
+    b.hist(f["series"]["latency_ms"], bins=30)
+    b.axvline(50, color="red", ls="--", lw=0.8, label="goal p95")
+    b.set(xlabel="ms from event to visible", ylabel="steps", title="Freshness of the steps written")
+    b.legend(fontsize=8)
+    img = _save(fig, docs, "perf-progress.png")
+    st = f["setup"]
+    return [f"{st['jobs']} jobs of {st['steps']} steps × {st['step_seconds'] * 1000:g} ms, PROGRESS_INTERVAL "
+            f"{st['progress_interval']} s (default), {st['poll']}. Milliseconds:", "",
+            "| | p50 | p95 | p99 | max |", "|---|---|---|---|---|",
+            f"| event → visible in the API | {_ms(f['service_ms'])} |",
+            f"| event → ComfyClient callback (floor) | {_ms(f['baseline']['ms'])} |",
+            f"| age of the step a poll shows | {_ms(f['view_age_ms'])} |", "", img]
+
+
+def scale(f: dict, docs: Path) -> list[str]:
+    g = f["growth"]
+    gpus = [p["gpus"] for p in g]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.4))
+    a.plot(gpus, [p["registry_alive_us"]["p50"] for p in g], "o-", label="Registry.alive() (Lua round trip + decoding)")
+    a.plot(gpus, [p["choose_us"]["p50"] for p in g], "o-", label="choose()")
+    a.plot(gpus, [p["total_us"]["p50"] for p in g], "o-", label="dispatch total")
+    a.set(xlabel="GPUs (workers)", ylabel="µs (p50)", title="Dispatch time per job", xticks=gpus)
+    a.legend(fontsize=8)
+    b.plot(gpus, [p["post_generate_ms"]["p50"] for p in g], "o-", label="p50")
+    b.plot(gpus, [p["post_generate_ms"]["p95"] for p in g], "o--", label="p95")
+    b.set(xlabel="GPUs (workers)", ylabel="ms", title="POST /generate as a caller sees it", xticks=gpus)
+    b.legend(fontsize=8)
+    c.plot(gpus, [p["redis_commands_per_job"] for p in g], "o-")
+    c.set(xlabel="GPUs (workers)", ylabel="commands", title="Redis commands per job", xticks=gpus, ylim=(0, None))
+    img = _save(fig, docs, "perf-scale.png")
+    rows = ["| GPUs | fleet start s | alive() µs p50 / p99 | of it in Redis (Lua) µs | choose() µs p50 / p99 | "
+            "POST /generate ms p50 / p95 | Redis commands per job | idle commands/s |", "|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {p['gpus']} | {p['start_seconds']} | {p['registry_alive_us']['p50']} / {p['registry_alive_us']['p99']} | "
+             f"{p['registry_lua_redis_us']} | {p['choose_us']['p50']} / {p['choose_us']['p99']} | "
+             f"{p['post_generate_ms']['p50']} / {p['post_generate_ms']['p95']} | {p['redis_commands_per_job']} | "
+             f"{p['idle_commands_per_second']} |" for p in g]
+    mem = f["memory_mib"]
+    per_job = ", ".join(f"{k} {v}" for k, v in list(f["redis_commands_per_job"].items())[:12])
+    base = f["baseline"]
+    return [*rows, "", img, "",
+            f"At {gpus[-1]} GPUs, after jobs ran: worker RSS p50 {mem['worker_rss']['p50']} MiB (max "
+            f"{mem['worker_rss']['max']}), USS p50 {mem['worker_uss']['p50']} MiB; a bare Python interpreter "
+            f"{base['bare_python_rss_mib']} MiB; a simulator {mem['simulator_rss']['p50']} MiB.",
+            f"Redis commands per job at {gpus[-1]} GPUs: **{f['value']['redis_commands_per_job']}** beyond the idle fleet's "
+            f"{base['idle_commands_per_second']} commands/s ({base['idle_commands_per_second_per_gpu']} per GPU); the most "
+            f"frequent: {per_job}. Commands run inside Lua scripts count too: the registry read (`evalsha`) runs "
+            "`GET`, `ZCARD` and `HVALS` once per live GPU. The idle fleet used "
+            + ", ".join(f"{k} {v}" for k, v in f["idle_cpu_cores"].items()) + " cores."]
+
+
+def bottlenecks(results: dict) -> list[str]:
+    """For each missed goal, what the run's own measurements and profiles say."""
+    figs, out = results["figures"], []
+    t = figs.get("throughput")
+    if t and t.get("met") is False and "runs" in t:
+        sub = t["runs"].get("submit@64", {})
+        hz = t["runs"].get("healthz@64", {})
+        out += [f"**API throughput.** A submit costs {sub.get('api_cpu_ms_per_request')} ms of API CPU "
+                f"(GET /healthz: {hz.get('api_cpu_ms_per_request')} ms); during the submit run at 64 connections the "
+                f"cores went to API {sub['cpu_cores']['api']}, Redis {sub['cpu_cores']['redis']}, load generator "
+                f"{sub['cpu_cores']['loadgen']}, other processes {sub['cpu_cores']['other']}. "
+                f"At that cost two cores allow at most ≈ {2000 / sub['api_cpu_ms_per_request']:.0f} submits/s with "
+                "nothing else running; 1000 submits/s leaves 2 ms of CPU per submit for the API, Redis and the load "
+                "generator together."]
+        p = t.get("profile")
+        if p and "error" in p:
+            out += ["", f"The profile could not be taken: {p['error']}."]
+        elif p:
+            out += ["", f"py-spy, both gunicorn workers during a submit run ({p['samples']} samples holding the GIL; "
+                    "share of all samples):", ""]
+            if p.get("request"):
+                out += ["| one request in Flask | file | % |", "|---|---|---|"]
+                out += [f"| {'&nbsp;' * 4 * r['level']}{r['function']} | {r['file']} | {r['pct']} |" for r in p["request"]]
+                out += [""]
+            out += ["| function under `generate` | file | % |", "|---|---|---|"]
+            out += [f"| {'&nbsp;' * 4 * r['level']}{r['function']} | {r['file']} | {r['pct']} |" for r in p["generate"]]
+            if p.get("send_task"):
+                out += ["", "| inside `Celery.send_task` | file | % |", "|---|---|---|"]
+                out += [f"| {'&nbsp;' * 4 * r['level']}{r['function']} | {r['file']} | {r['pct']} |"
+                        for r in p["send_task"][1:]]
+            if p.get("generate_wall"):
+                out += ["", "Where a submit waits: the same run sampled on every thread, waiting included "
+                        "(share of the samples under `generate`):", "", "| in `generate`, wall clock | file | % |",
+                        "|---|---|---|"]
+                out += [f"| {'&nbsp;' * 4 * r['level']}{r['function']} | {r['file']} | {r['pct']} |"
+                        for r in p["generate_wall"]]
+                publish = next((r["pct"] for r in p["generate_wall"] if r["function"].endswith("EventDispatcher.publish")), None)
+                waiting = next((r["pct"] for r in p.get("event_publish_wall", []) if r["function"] == "(self)"), None)
+                if publish is not None and waiting is not None:
+                    out += ["", f"{publish}% of a submit's wall time is in Celery's `EventDispatcher.publish` (the "
+                            "`task-sent` event, on because `workers/celery_app.py` sets `task_send_sent_event=True`), and "
+                            f"{waiting}% of that is the function itself, i.e. waiting at its `with self.mutex` "
+                            "(`celery/events/dispatcher.py`): one dispatcher and one lock per process, so the "
+                            "16 threads of a gunicorn worker take turns for a Redis round trip each, and requests "
+                            f"queue while CPU is left over (the API used {sub['cpu_cores']['api']} cores, the whole "
+                            f"machine {sub['cpu_cores']['machine']} of 2, in the submit run at 64 connections)."]
+            out += ["", "CPU by package (self time): " + ", ".join(f"{r['package']} {r['self_pct']}%" for r in p["by_package"][:10]) + "."]
+            rc = p.get("redis_commands_per_submit")
+            if rc:
+                cmds = ", ".join(f"{r['command']} ×{r['per_submit']} ({r['usec_per_submit']} µs)" for r in rc["by_command"][:6])
+                out += ["", f"Redis per submit: {rc['commands']} commands, {rc['redis_us']} µs of Redis time, with "
+                        f"{rc['jobs_waiting_after']} jobs waiting on the queue: {cmds}. `evalsha` is the registry's Lua "
+                        "(`common/registry.py`), which sums `HVALS cs:load:<queue>` over every job waiting on every GPU "
+                        "on each dispatch, so its cost grows with the backlog."]
+            rb = t.get("registry_read_vs_backlog")
+            if rb:
+                out += ["", "Registry read (`Registry.alive()`, what every submit does first): " + ", ".join(
+                    f"{x['p50_us']:.0f} µs with {x['jobs_waiting']} jobs waiting" for x in rb) + "."]
+    o = figs.get("overhead")
+    if o and o.get("met") is False and "phases_ms" in o:
+        ph, fl = o["phases_ms"], o["floor_phases_ms"]
+        out += ["", f"**Service overhead.** Beyond the floor, a job spends p50 {ph['POST /generate']['p50']} ms in "
+                f"POST /generate (the floor's submit: {fl['submit']['p50']} ms), {ph['to ComfyUI queue']['p50']} ms "
+                f"from the 202 to ComfyUI's queue (Celery delivery, the worker's start transition, payload read, "
+                f"POST /prompt) and {ph['end → visible']['p50']} ms from ComfyUI's end to the result in the API (the "
+                f"floor's outputs download: {fl['end → outputs']['p50']} ms). The POST's CPU is the profile above."]
+        extra = {"POST /generate": ph["POST /generate"]["p50"] - fl["submit"]["p50"],
+                 "202 → ComfyUI's queue": ph["to ComfyUI queue"]["p50"],
+                 "ComfyUI's end → visible": ph["end → visible"]["p50"] - fl["end → outputs"]["p50"]}
+        worst = max(extra, key=extra.get)
+        out += ["", "Beyond the floor at the median: " + ", ".join(f"{k} +{v:.1f} ms" for k, v in extra.items())
+                + f"; the largest part is {worst}. The worker's profile below shows what its job thread spends "
+                "that time on."]
+        wp = o.get("worker_profile")
+        if wp and "error" in wp:
+            out += ["", f"The worker's profile could not be taken: {wp['error']}."]
+        elif wp and wp.get("run_workflow"):
+            out += ["", f"py-spy on the worker (wall clock, waiting included) over {wp['jobs']} more jobs after the "
+                    "measurement; share of the job thread's samples under `run_workflow` (the GPU's own execution is "
+                    "inside `events`):", "", "| in the worker's job | file | % |", "|---|---|---|"]
+            out += [f"| {'&nbsp;' * 4 * r['level']}{r['function']} | {r['file']} | {r['pct']} |" for r in wp["run_workflow"]]
+    c = figs.get("cancel")
+    if c and c.get("met") is False and "worst" in c:
+        out += ["", f"**Cancel.** Worst stage: {STAGES.get(c['worst']['stage'], c['worst']['stage'])}, p95 "
+                f"{c['worst']['p95_ms']} ms (direct client: {c['baseline']['ms'].get('running_sim', {}).get('p95')} ms to stop a "
+                f"running prompt). The interrupt's arrival at ComfyUI, p95 {c['stages_ms']['running_interrupt']['p95']} ms, "
+                "is the service's part (API → pub/sub → worker's cancel listener → /queue check → /interrupt); the rest "
+                "is ComfyUI finishing its current step."]
+    d = figs.get("dispatch")
+    if d and d.get("met") is False and "effective_bound" in d:
+        e, mr = d["effective_bound"], d["model_ratio"]
+        measured = ", ".join(f"{v:.3f}" for v in d["measured_seconds_per_unit"].values())
+        true = ", ".join(f"{v:.3f}" for v in d["true_seconds_per_unit"].values())
+        rates = list(d["measured_seconds_per_unit"].values())
+        out += ["", f"**Dispatch.** The real run took {d['value']['ratio_to_lower_bound']} × the lower bound. The "
+                f"simulators themselves run close to nominal (fitted seconds per step {e['fitted_seconds_per_step']} vs "
+                f"{e['nominal_seconds_per_step']}; per prompt {e['fitted_seconds_per_prompt']} vs "
+                f"{e['nominal_seconds_per_prompt']}): against a bound built on those fitted costs the run is "
+                f"{e['ratio']} ×. The placement is what is off: the workers' learned seconds per cost unit were "
+                f"{measured} where the simulators' nominal rates are {true}: the 2× GPU looked "
+                f"{rates[1] / rates[0]:.2f} × as fast as a 1× one and got {d['real_jobs_per_gpu'][0]} of "
+                f"{sum(d['real_jobs_per_gpu'])} jobs. "
+                f"The model on the same arrivals and the fitted GPU costs: `choose()` with the learned rates "
+                f"{mr['real dispatcher']} ×, the same `choose()` told the true speeds {mr['real dispatcher, true speeds']} ×. "
+                "The rate a worker learns (`workers/runtime.py` `job_measured`: GPU seconds ÷ cost, EWMA 0.3) "
+                "includes each prompt's fixed time (decode, saving the image, event delivery), which the cost model "
+                "(`workflows/*/params.py` `cost`: steps × pixels) has no term for; on small jobs that fixed time "
+                "weighs most on the fastest GPU."]
+    for name in ("idle", "progress"):
+        f = figs.get(name)
+        if f and f.get("met") is False:
+            out += ["", f"**{f['title']}.** Missed: {f['line']}"]
+    return out or ["Every goal was met in this run."]
+
+
+SECTIONS = {"overhead": overhead, "idle": idle, "dispatch": dispatch, "cancel": cancel, "throughput": throughput,
+            "progress": progress, "scale": scale}
+
+
+def write(results: dict, docs: Path) -> Path:
+    docs = Path(docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    figs, host = results["figures"], results["host"]
+    lines = ["# Performance", "",
+             f"Written by `python -m bench` ({'**quick** smoke run, not a measurement; ' if results['quick'] else ''}"
+             f"{results['generated_at']}, {results['run_seconds']:.0f} s for {', '.join(results['ran'])}) on "
+             f"{host['cpus']} CPUs, {host['memory_gib']} GiB, Python {host['python']}, {host['platform']}; load average "
+             f"{results['load_avg_before']:.2f} before the run. Do not edit: the next run rewrites this file from "
+             "`bench/results.json`. Method and how to run: `bench/README.md`. Every process (Redis, simulators, workers, "
+             "gunicorn, load generator) shares the same cores, so each figure includes that contention.", "",
+             "The last column gives the CPU that processes outside the benchmark used meanwhile (cores, of 2).", "",
+             "| # | figure | result | goal | verdict | measured | other load |", "|---|---|---|---|---|---|---|"]
+    for name, n in ORDER:
+        if name in figs:
+            f = figs[name]
+            lines.append(f"| {n} | [{f['title']}](#{n}-{f['title'].lower().replace(' ', '-')}) | {f['line']} | "
+                         f"{f.get('goal') or '–'} | {_verdict(f)} | {f['measured_at']}{' (quick)' if f.get('quick') else ''}, "
+                         f"{f['seconds']:.0f} s | {f.get('foreign_cpu_cores', '–')} |")
+    lines += ["", "## Where goals are missed", "", *bottlenecks(results)]
+    for name, n in ORDER:
+        if name not in figs:
+            continue
+        f = figs[name]
+        lines += ["", f"## {n}. {f['title']}", ""]
+        if "error" in f:
+            lines += [f"The figure failed in this run: `{f['error']}`"]
+            continue
+        lines += [f"{_verdict(f)}: {f['line']}", "", *SECTIONS[name](f, docs)]
+    path = docs / "performance.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -11,10 +11,12 @@ gunicorn answering GET /healthz (the HTTP stack alone).
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import psutil
 
@@ -75,18 +77,22 @@ def _load(kind: str, url: str, connections: int, seconds: float, files: dict, gr
         extra = {"healthz": [], "submit": ["--post", str(files["body"])], "get": ["--paths", str(files["paths"])]}[kind]
         cmd = [sys.executable, "-m", "bench.loadgen", target or url, str(connections), str(seconds), *extra]
         tool = "bench.loadgen (Python asyncio; wrk not installed)"
-    before = _cpu(groups)
+    before, gen0 = _cpu(groups), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
-    after = _cpu(groups)
+    after, gen1 = _cpu(groups), resource.getrusage(resource.RUSAGE_CHILDREN)
+    # The load generator is the only child that ends meanwhile: its CPU is the children's delta.
+    after["loadgen"], before["loadgen"] = gen1.ru_utime + gen1.ru_stime, gen0.ru_utime + gen0.ru_stime
     line = next((l for l in out.stdout.splitlines() if l.startswith("BENCHJSON ")), None)
     if line is None:
         raise RuntimeError(f"{cmd[0]} gave no report: {out.stdout[-500:]} {out.stderr[-500:]}")
     r = json.loads(line.removeprefix("BENCHJSON "))
     errors = sum(r["errors"].values())
+    cores = {k: round((after[k] - before[k]) / (r["duration_us"] / 1e6), 2) for k in after}
+    cores["other"] = round(cores["machine"] - cores["api"] - cores["redis"] - cores["loadgen"], 2)
     return {"rps": round(r["requests"] / (r["duration_us"] / 1e6), 1), "p50_ms": round(r["p50_us"] / 1000, 2),
             "p99_ms": round(r["p99_us"] / 1000, 2), "max_ms": round(r["max_us"] / 1000, 2), "requests": r["requests"],
             "errors": errors, "tool": tool,
-            "cpu_cores": {k: round((after[k] - before[k]) / (r["duration_us"] / 1e6), 2) for k in after},
+            "cpu_cores": cores,
             "api_cpu_ms_per_request": round((after["api"] - before["api"]) * 1000 / max(r["requests"], 1), 3)}
 
 
@@ -105,6 +111,53 @@ def _commands_per_submit(s, files, groups) -> dict:
             "redis_us": round(sum(us for _, _, us in rows), 1),
             "by_command": [{"command": k, "per_submit": round(c, 2), "usec_per_submit": round(us, 1)} for k, c, us in rows[:8]],
             "jobs_waiting_after": s.redis.zcard(f"cs:queued:{QUEUE}")}
+
+
+def _alive_us(s) -> dict:
+    """What the registry read costs now (its Lua sums every waiting job's cost), in µs."""
+    registry, times = Registry(s.redis, ttl=10), []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        registry.alive()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"jobs_waiting": s.redis.zcard(f"cs:queued:{QUEUE}"), "p50_us": round(times[25] * 1e6, 1)}
+
+
+def _profile(s, files, groups, runs) -> dict:
+    """Both gunicorn workers sampled through another submit run, twice at once: samples holding
+    the GIL (where the CPU goes) and every thread's samples, waiting included (where requests wait)."""
+    pids = [p.pid for p in groups["api"]]
+    load = threading.Thread(target=lambda: runs.__setitem__("profiled", _load("submit", s.url, 64, 6, files, groups)))
+    wall: dict = {}
+    waits = threading.Thread(target=lambda: wall.__setitem__("stacks", _try_record(pids, gil=False)))
+    load.start()
+    waits.start()
+    try:
+        stacks = profiling.record(pids, 5)
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+    finally:
+        load.join()
+        waits.join()
+    profile = profiling.summarize(stacks, top=16)
+    profile["request"] = profiling.tree(stacks, "Flask.wsgi_app", depth=2, min_pct=2.0)
+    profile["generate"] = profiling.tree(stacks, "generate", depth=2, min_pct=1.5)
+    profile["send_task"] = profiling.tree(stacks, "Celery.send_task", depth=2, min_pct=1.0)
+    if wall.get("stacks"):
+        profile["generate_wall"] = profiling.tree(wall["stacks"], "generate", depth=2, min_pct=2.0, relative=True)
+        # Celery's task-sent event: one dispatcher per process, publishing under one mutex.
+        profile["event_publish_wall"] = profiling.tree(wall["stacks"], "EventDispatcher.publish", depth=1,
+                                                       min_pct=1.0, relative=True)
+    profile["redis_commands_per_submit"] = _commands_per_submit(s, files, groups)
+    return profile
+
+
+def _try_record(pids, gil):
+    try:
+        return profiling.record(pids, 5, gil=gil)
+    except RuntimeError:
+        return None
 
 
 def run(quick: bool = False) -> dict:
@@ -126,26 +179,23 @@ def run(quick: bool = False) -> dict:
             files["get_lua"].write_text(f'local ids = {{}}\nfor l in io.lines("{files["paths"]}") do ids[#ids + 1] = l end\n'
                                         'local i = 0\nrequest = function()\n  i = i + 1\n'
                                         '  return wrk.format("GET", ids[(i % #ids) + 1])\nend\n')
+            alive_cost = [_alive_us(s)]
             groups = {"api": psutil.Process(s.fleet.api.proc.pid).children(),
                       "redis": [psutil.Process(s.fleet.redis.proc.pid)]}
-            _load("healthz", s.url, 64, 1, files, groups)  # warm the connections and the code paths
+            # Warm-up, not measured: every gunicorn thread opens its Redis and broker connections on its
+            # first requests, which makes a cold first run up to 40 % slower.
+            for kind in ("healthz", "submit", "get"):
+                _load(kind, s.url, 64, 1 if quick else 2, files, groups)
             runs = {}
             for kind in ("healthz", "submit", "get"):
                 for c in CONNECTIONS:
                     runs[f"{kind}@{c}"] = _load(kind, s.url, c, seconds, files, groups)
             submits = [runs[f"submit@{c}"] for c in CONNECTIONS]
+            alive_cost.append(_alive_us(s))
             met = all(r["rps"] >= GOAL_RPS and r["p99_ms"] <= GOAL_P99_MS and r["errors"] == 0 for r in submits)
             profile = None
             if not met and not quick and profiling.available():
-                # Where a submit's time goes: sample both gunicorn workers through a submit run.
-                pids = [p.pid for p in groups["api"]]
-                prof = threading.Thread(target=lambda: runs.__setitem__(
-                    "profiled", _load("submit", s.url, 64, 6, files, groups)))
-                prof.start()
-                stacks = profiling.record(pids, 5)
-                prof.join()
-                profile = profiling.summarize(stacks, top=16)
-                profile["redis_commands_per_submit"] = _commands_per_submit(s, files, groups)
+                profile = _profile(s, files, groups, runs)
         finally:
             stop.set()
     healthz = {c: runs[f"healthz@{c}"] for c in CONNECTIONS}
@@ -165,6 +215,7 @@ def run(quick: bool = False) -> dict:
                                                  for c in CONNECTIONS}},
         "runs": runs,
         "lowest_submit_rps": low["rps"],
+        "registry_read_vs_backlog": alive_cost,
         "profile": profile,
         "setup": {"seconds_per_run": seconds, "api": "gunicorn gthread -w 2 --threads 16 (as make run)",
                   "tool": low["tool"], "worker": "none: a heartbeat published by the benchmark; jobs wait in Redis",

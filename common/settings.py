@@ -4,7 +4,7 @@ from __future__ import annotations
 import socket
 from functools import cache
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,6 +19,22 @@ class Settings(BaseSettings):
     api_port: int = Field(8080, validation_alias="API_PORT")
     public_url: str = Field("", validation_alias="PUBLIC_URL", description="Prefix for absolute image URLs.")
     max_body_bytes: int = Field(1_048_576, validation_alias="MAX_BODY_BYTES")
+
+    # Security (docs/security.md). Keys: API_KEYS="name:key,..." and/or hashed keys in Redis
+    # (`python -m app.keys add NAME`, preferred). No keys at all: open, so bind to loopback.
+    api_keys: SecretStr = Field(SecretStr(""), validation_alias="API_KEYS")
+    # Per caller (key name, or client address without keys); "" or "off" disables.
+    rate_limit: str = Field("1200/minute", validation_alias="RATE_LIMIT", description="All /api/v1 routes.")
+    rate_limit_generate: str = Field("120/minute", validation_alias="RATE_LIMIT_GENERATE")
+    # Jobs not yet finished (queued or running); 0 = no cap.
+    max_active_jobs_per_key: int = Field(100, ge=0, validation_alias="MAX_ACTIVE_JOBS_PER_KEY")
+    max_active_jobs: int = Field(10_000, ge=0, validation_alias="MAX_ACTIVE_JOBS")
+    allow_raw_workflows: bool = Field(False, validation_alias="ALLOW_RAW_WORKFLOWS")
+    raw_node_allowlist: str = Field(
+        "CheckpointLoaderSimple,CLIPTextEncode,EmptyLatentImage,KSampler,VAEDecode,SaveImage,PreviewImage,"
+        "StoryDiffusion_Apply,StoryDiffusion_CLIPTextEncode,StoryDiffusion_KSampler",
+        validation_alias="RAW_NODE_ALLOWLIST")
+    cors_origins: str = Field("", validation_alias="CORS_ORIGINS", description="Comma list; empty: CORS off.")
 
     # A worker: the one ComfyUI it drives and the GPU queue it consumes.
     comfyui_url: str = Field("http://127.0.0.1:8188", validation_alias="COMFYUI_URL")
@@ -58,6 +74,13 @@ class Settings(BaseSettings):
     flower_db: str = Field("var/flower.db", validation_alias="FLOWER_DB")
 
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
+    # Logs (common/logs.py): rotating files under LOG_DIR (empty: none), JSON lines on demand, logdy.
+    log_dir: str = Field("var/logs", validation_alias="LOG_DIR")
+    log_json: bool = Field(False, validation_alias="LOG_JSON")
+    log_file_rotation: str = Field("20 MB", validation_alias="LOG_FILE_ROTATION", description="Size per file.")
+    log_file_retention: str = Field("5", validation_alias="LOG_FILE_RETENTION",
+                                    description="Rotated files kept (a count) or how long ('7 days').")
+    logdy_address: str = Field("", validation_alias="LOGDY_ADDRESS", description="host:port of logdy's socket input.")
 
     @field_validator("storage_backend")
     @classmethod

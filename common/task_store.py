@@ -10,6 +10,12 @@ The same script keeps the per-queue indexes that dispatch and failover read:
 - `cs:running:<queue>` set of jobs a worker of that queue has started;
 - `cs:load:<queue>`    hash job → cost of every job waiting or running there (backlog).
 The rendered graphs a job runs live beside the record in `cs:payload:<id>`.
+
+And the active-job sets the submission caps count (MAX_ACTIVE_JOBS, MAX_ACTIVE_JOBS_PER_KEY):
+`cs:active` and `cs:active:<owner>` hold every job not yet finished. A job enters them in the
+create script (which checks the caps and creates in one step, so concurrent submits cannot
+overshoot) and leaves them in the transition script when it reaches a terminal status,
+whichever path gets it there (cancel, success, failure, failover giving up).
 """
 from __future__ import annotations
 
@@ -63,12 +69,67 @@ if status ~= '' then
     redis.call('HSET', 'cs:load:' .. target, id, cost)
   else
     redis.call('HDEL', 'cs:load:' .. target, id)
+    local owner = redis.call('HGET', key, 'owner')
+    owner = owner and cjson.decode(owner) or 'anonymous'
+    redis.call('SREM', 'cs:active', id)
+    redis.call('SREM', 'cs:active:' .. owner, id)
   end
   redis.call('HSET', key, 'status', status, 'queue', cjson.encode(target))
 end
 if #ARGV > 6 then redis.call('HSET', key, unpack(ARGV, 7)) end
 return {1, current}
 """
+
+
+# Creating a job, atomically with its admission checks.
+# KEYS: [1] task hash, [2] payload, [3] cs:queued:<queue>, [4] cs:load:<queue>, [5] cs:active,
+# [6] cs:active:<owner>, [7] (optional) the caller's idempotency key.
+# ARGV: [1] record TTL s, [2] payload JSON, [3] enqueue time ms, [4] cost, [5] task id,
+# [6] cap overall (0 = none), [7] cap per owner (0 = none), [8] idempotency value,
+# [9] idempotency TTL s, then the record's field/value pairs.
+# Returns {1} created, {2, value} the idempotency key already names a task (nothing created),
+# {3, scope, active, cap} a cap is reached (nothing created).
+_CREATE = """
+local function terminal(s)
+  return (not s) or s == '"succeeded"' or s == '"failed"' or s == '"cancelled"'
+end
+-- A member whose record expired or ended without passing the transition script (it should
+-- not happen) would hold a slot forever: prune such members when the cap is reached, at most
+-- every few seconds per set.
+local function full(set, cap)
+  if cap <= 0 then return false end
+  if redis.call('SCARD', set) < cap then return false end
+  if redis.call('SET', set .. ':pruned', '1', 'NX', 'EX', 5) then
+    for _, id in ipairs(redis.call('SMEMBERS', set)) do
+      if terminal(redis.call('HGET', 'cs:task:' .. id, 'status')) then redis.call('SREM', set, id) end
+    end
+  end
+  return redis.call('SCARD', set) >= cap
+end
+if #KEYS >= 7 then
+  local existing = redis.call('GET', KEYS[7])
+  if existing then return {2, existing} end
+end
+local owner_cap, total_cap = tonumber(ARGV[7]), tonumber(ARGV[6])
+if full(KEYS[6], owner_cap) then return {3, 'key', redis.call('SCARD', KEYS[6]), owner_cap} end
+if full(KEYS[5], total_cap) then return {3, 'service', redis.call('SCARD', KEYS[5]), total_cap} end
+local ttl = tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 10))
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
+redis.call('HSET', KEYS[4], ARGV[5], ARGV[4])
+redis.call('SADD', KEYS[5], ARGV[5])
+redis.call('SADD', KEYS[6], ARGV[5])
+if #KEYS >= 7 then redis.call('SET', KEYS[7], ARGV[8], 'EX', tonumber(ARGV[9])) end
+return {1}
+"""
+
+ACTIVE = "cs:active"
+
+
+def active_key(owner: str | None = None) -> str:
+    return f"{ACTIVE}:{owner}" if owner else ACTIVE
 
 
 def now_iso() -> str:
@@ -111,19 +172,43 @@ class TaskStore:
         self.redis = client
         self.ttl = ttl
         self._transition = client.register_script(_TRANSITION)
+        self._create = client.register_script(_CREATE)
 
-    def create(self, record: dict, payload: dict) -> None:
-        """Store a new queued job: its record, the graphs it runs, and its place in its queue."""
+    def create(self, record: dict, payload: dict, *, max_active: int = 0, max_active_per_owner: int = 0,
+               idempotency: tuple[str, str, int] | None = None) -> tuple[str, object]:
+        """Store a new queued job: its record, the graphs it runs, its place in its queue and in
+        the active sets of its owner (`record["owner"]`, default anonymous) and of the service.
+
+        One script checks and creates, so nothing is created when
+        - `idempotency` = (key, value, ttl) is given and that key exists: ("replay", its value);
+        - a cap (0 = none) is reached: ("full", {"scope": "key"|"service", "active", "limit"}).
+        Otherwise ("created", None); with `idempotency` the key is set to value for ttl seconds.
+        """
         task_id, queue = record["task_id"], record["queue"]
-        key = task_key(task_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping=dict(zip(*[iter(_encode(record))] * 2)))
-        pipe.expire(key, self.ttl)
-        pipe.set(payload_key(task_id), json.dumps(payload, separators=(",", ":")), ex=self.ttl)
-        pipe.zadd(queued_key(queue), {task_id: time.time() * 1000})
-        pipe.hset(load_key(queue), task_id, json.dumps(record.get("cost", 1.0)))
-        metrics.job_submitted(pipe, record["workflow"])
-        pipe.execute()
+        owner = record.setdefault("owner", "anonymous")
+        keys = [task_key(task_id), payload_key(task_id), queued_key(queue), load_key(queue), active_key(),
+                active_key(owner)]
+        idem_value, idem_ttl = "", 0
+        if idempotency is not None:
+            idem_key, idem_value, idem_ttl = idempotency
+            keys.append(idem_key)
+        result = self._create(keys=keys, args=[
+            self.ttl, json.dumps(payload, separators=(",", ":")), int(time.time() * 1000),
+            json.dumps(record.get("cost", 1.0)), task_id, int(max_active), int(max_active_per_owner),
+            idem_value, int(idem_ttl), *_encode(record)])
+        outcome = int(result[0])
+        if outcome == 2:
+            value = result[1]
+            return "replay", value.decode() if isinstance(value, bytes) else value
+        if outcome == 3:
+            scope = result[1].decode() if isinstance(result[1], bytes) else result[1]
+            return "full", {"scope": scope, "active": int(result[2]), "limit": int(result[3])}
+        metrics.job_submitted(self.redis, record["workflow"])
+        return "created", None
+
+    def active_count(self, owner: str | None = None) -> int:
+        """Jobs not yet finished: of `owner`, or of the whole service."""
+        return int(self.redis.scard(active_key(owner)))
 
     def payload(self, task_id: str) -> dict | None:
         raw = self.redis.get(payload_key(task_id))

@@ -4,7 +4,8 @@
 - ComfyUI: COMFYUI_URLS (comma-separated) if set, else two ComfyUI SIMULATORS (no GPU, no
   models: labelled pictures), on ports 8188 and 8189.
 - One Celery worker per ComfyUI, each on its own GPU queue gpu.<host>.<n>.
-- The API under gunicorn on API_HOST:API_PORT (default http://127.0.0.1:8080).
+- The API under gunicorn on API_HOST:API_PORT (default http://127.0.0.1:8080: loopback, because
+  without API keys the API is open; see docs/security.md).
 - Flower on http://127.0.0.1:5555.
 """
 from __future__ import annotations
@@ -79,6 +80,25 @@ class Stack:
         say("stopped")
 
 
+def _say_access(api_host: str, redis_url: str) -> None:
+    """Who can call the API: keys (API_KEYS or `python -m app.keys`), else loopback only."""
+    try:
+        import redis
+
+        stored = redis.Redis.from_url(redis_url, socket_connect_timeout=2).exists("cs:apikeys")
+    except Exception:  # noqa: BLE001 - only a hint
+        stored = False
+    if os.environ.get("API_KEYS") or stored:
+        say("API keys required on /api/v1 (Authorization: Bearer <key>); add one: python -m app.keys add NAME")
+        return
+    print(BANNER, flush=True)
+    say("NO API KEYS: /api/v1 is open to whoever reaches it. The API binds to loopback (API_HOST=127.0.0.1)")
+    say("by default; before exposing it, add a key: python -m app.keys add NAME (docs/security.md).")
+    if api_host not in ("127.0.0.1", "localhost", "::1"):
+        say(f"WARNING: API_HOST={api_host} is not loopback and no key is set: anyone on the network can submit jobs.")
+    print(BANNER, flush=True)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -133,6 +153,7 @@ def main() -> int:
                     {**env, "FLOWER_PORT": flower_port, "FLOWER_DB": os.environ.get("FLOWER_DB", str(VAR / "flower.db"))})
         wait_http(f"http://{api_host}:{api_port}/healthz", api, "the API")
         say(f"API     http://{api_host}:{api_port}   (OpenAPI at /openapi.json)")
+        _say_access(api_host, redis_url)
         say(f"Flower  http://127.0.0.1:{flower_port}")
         say("logs in var/logs/; Ctrl-C stops everything")
         while all(proc.poll() is None for _, proc in stack.procs):

@@ -1,16 +1,16 @@
 """Shared fixtures: real simulator processes and private Redis servers."""
 from __future__ import annotations
 
-import shutil
+import os
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.support.procs import RedisServer, SimProcess, free_port
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TRANSCRIPTS = Path(__file__).resolve().parent / "transcripts"
+# Apps made in this process (create_app) and processes started without a LOG_DIR of their own log
+# to the console only, never into the repository's var/logs (fleets set theirs: tests/support/fleet.py).
+os.environ.setdefault("LOG_DIR", "")
 
 
 @pytest.fixture
@@ -39,13 +39,6 @@ def redis_server(tmp_path):
     server = RedisServer(port=free_port(), workdir=tmp_path).start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"the shared protocol material is not beside the repo ({SHARED})")
-    return SHARED
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import signal
 import statistics
-import time
 
 import pytest
 import redis

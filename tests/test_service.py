@@ -10,7 +10,7 @@ import redis
 import requests
 from PIL import Image
 
-from tests.support.api import LENA, story, submit, wait_status
+from tests.support.api import story, submit, wait_status
 from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.timeout(90)

@@ -143,9 +143,14 @@ class WorkerRuntime:
             self._threads.append(thread)
 
     def stop(self) -> None:
+        """End of a warm shutdown: leave the fleet. A GPU that leaves with nothing of its own
+        left behind is forgotten (removed on purpose: no "worker down" alert); one that still
+        has jobs stays known, so the monitor moves them and the alert tells the operator."""
         self._stop.set()
         try:
             self.registry.withdraw(self.queue)
+            if not self.store.running(self.queue) and not self.store.waiting(self.queue):
+                self.registry.forget(self.queue)
         except redis.RedisError:
             pass
         self.client.close()

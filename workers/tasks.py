@@ -14,14 +14,18 @@ import uuid
 
 from celery import signals
 from celery.exceptions import Ignore
+from loguru import logger
 
 from common.jobs import requeue
+from common.logs import setup_logging
+from common.settings import get_settings
 from common.storage import make_key
 from common.task_store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, now_iso
 from workers.celery_app import RUN_WORKFLOW, app
 from workers.comfy_client import (
     Cached, ComfyError, ComfyWaitTimeout, Executing, Failed, Interrupted, Progress, Started, Succeeded,
 )
+from workers.joblogs import get_job_logs
 from workers.progress import ProgressTracker
 from workers.runtime import get_runtime
 
@@ -32,9 +36,16 @@ class JobFailed(Exception):
     """Raised after a failed job is recorded, so Celery and Flower show it as a failure."""
 
 
+@signals.setup_logging.connect
+def _setup_logging(**_):
+    # Connected: Celery configures no logging of its own (no second handler, no stdout hijack).
+    setup_logging(f"worker-{get_settings().queue_name}")
+
+
 @signals.worker_ready.connect
 def _start_background(sender=None, **_):
     runtime = get_runtime()
+    get_job_logs().install(runtime.client)  # ComfyUI's log lines and ours, per job, into Redis
     consumer = getattr(sender, "task_consumer", None)
     consumed = [q.name for q in consumer.queues] if consumer is not None else []
     gpu_queues = [q for q in consumed if q.startswith("gpu.")]
@@ -44,7 +55,8 @@ def _start_background(sender=None, **_):
     # started just before it is covered by the monitor's grace period.
     runtime.publish_heartbeat()
     runtime.start_background(app)
-    log.info("worker ready: queue %s, ComfyUI %s", runtime.queue, runtime.settings.comfyui_url)
+    log.info("worker ready: queue %s, ComfyUI %s, Redis %s", runtime.queue, runtime.settings.comfyui_url,
+             runtime.settings.redis_url)  # the logging setup masks a password in the URL
 
 
 @signals.worker_shutting_down.connect
@@ -60,6 +72,7 @@ def _drain(**_):
 
 @signals.worker_shutdown.connect
 def _stop_background(**_):
+    get_job_logs().stop()
     get_runtime().stop()
 
 
@@ -79,6 +92,12 @@ def _error(source: str, code: str, message: str, details: dict | None = None) ->
 
 @app.task(bind=True, name=RUN_WORKFLOW)
 def run_workflow(self, task_id: str) -> dict:
+    # Every line logged while the job runs carries its task id and GPU queue (and prompt id, below).
+    with logger.contextualize(task_id=task_id, queue=get_runtime().queue):
+        return _run_workflow(self, task_id)
+
+
+def _run_workflow(self, task_id: str) -> dict:
     runtime = get_runtime()
     store = runtime.store
     record = store.get(task_id)
@@ -100,6 +119,7 @@ def run_workflow(self, task_id: str) -> dict:
         log.info("task %s not started here: it became %s", task_id, before)
         raise Ignore()
     runtime.job_started(task_id)
+    log.info("task %s running on %s (attempt %d)", task_id, runtime.queue, attempts)
     try:
         payload = store.payload(task_id)
         if payload is None:
@@ -107,18 +127,26 @@ def run_workflow(self, task_id: str) -> dict:
                                                          "the job's workflow expired from Redis before it ran"))
         return _run(self, runtime, {**record, "attempts": attempts, "status": RUNNING}, payload)
     finally:
+        get_job_logs().finished(task_id)
         runtime.job_ended(task_id)
 
 
 def _run(task, runtime, record: dict, payload: dict) -> dict:
+    prompt_id = str(uuid.uuid4())
+    with logger.contextualize(prompt_id=prompt_id):
+        return _run_prompt(task, runtime, record, payload, prompt_id)
+
+
+def _run_prompt(task, runtime, record: dict, payload: dict, prompt_id: str) -> dict:
     store, client, settings = runtime.store, runtime.client, runtime.settings
     task_id, graph = record["task_id"], payload["graph"]
-    prompt_id = str(uuid.uuid4())
+    job_logs = get_job_logs()
     store.update(task_id, prompt_id=prompt_id)
     extra = {"extra_pnginfo": {"workflow": payload["ui"]}} if payload.get("ui") else None
     tracker = ProgressTracker(graph, payload.get("progress_repeats"))
     last_sent, gpu_started, sampled, outcome = 0.0, None, False, None
     try:
+        job_logs.submitting(task_id, prompt_id)  # before the POST: ComfyUI logs "got prompt" before answering
         client.submit(graph, prompt_id=prompt_id, extra_data=extra)
         runtime.job_submitted(task_id, prompt_id)
         if (store.get(task_id) or {}).get("cancel_requested"):
@@ -126,6 +154,7 @@ def _run(task, runtime, record: dict, payload: dict) -> dict:
         for event in client.events(prompt_id, timeout=settings.job_timeout):
             progress = None
             if isinstance(event, Started):
+                job_logs.started(task_id)
                 gpu_started = time.monotonic()
                 store.update(task_id, comfy_started_ms=int(time.time() * 1000))
             elif isinstance(event, Cached):
@@ -136,6 +165,7 @@ def _run(task, runtime, record: dict, payload: dict) -> dict:
                 sampled = True
                 progress = tracker.step(event.node, event.value, event.max)
             elif isinstance(event, (Succeeded, Failed, Interrupted)):
+                job_logs.finished(task_id)
                 outcome = event
                 store.update(task_id, comfy_finished_ms=int(time.time() * 1000))
             if progress is not None and time.monotonic() - last_sent >= settings.progress_interval:
@@ -219,6 +249,8 @@ def _finish_succeeded(runtime, record: dict, prompt_id: str, tracker: ProgressTr
     if not applied:
         # Another run of this job already finished it (at-least-once delivery): one result set.
         log.warning("task %s finished on ComfyUI but its record is already %s; result dropped", task_id, before)
+    else:
+        log.info("task %s succeeded: %d image(s), %d other file(s)", task_id, len(images), len(files))
     return {"task_id": task_id, "status": SUCCEEDED if applied else before, "images": len(images)}
 
 

@@ -35,8 +35,13 @@ ImageSide = Annotated[int, Field(ge=256, le=2048, multiple_of=16)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
+# Prompts are plain text, stored and passed on verbatim; only control characters other than
+# tab and line breaks are refused (a NUL or an escape sequence is never meant as prompt text).
+NO_CONTROL = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+
+
 def prompt_text(max_length: int, min_length: int = 0):
-    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length)]
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length, pattern=NO_CONTROL)]
 
 
 class WorkflowParams(BaseModel):

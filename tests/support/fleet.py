@@ -71,7 +71,11 @@ class Fleet:
     def env(self) -> dict[str, str]:
         return {"REDIS_URL": self.redis.url, "STORAGE_DIR": str(self.workdir / "outputs"),
                 "HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "3", "PROGRESS_INTERVAL": "0.05",
-                "LOG_LEVEL": "INFO", **self.extra_env}
+                "LOG_LEVEL": "INFO", "LOG_DIR": str(self.workdir / "logs"),
+                # Tests poll task documents at ~50 Hz and queue many jobs as one anonymous caller:
+                # no rate limit or per-key cap unless a test sets one (tests/test_security.py does).
+                "RATE_LIMIT": "off", "RATE_LIMIT_GENERATE": "off", "MAX_ACTIVE_JOBS_PER_KEY": "0",
+                **self.extra_env}
 
     def add_sim(self, *args: str) -> SimProcess:
         sim = SimProcess(port=free_port(), args=list(args), workdir=self.workdir).start()

@@ -18,10 +18,11 @@ NO_CHARACTER = "NC"
 # `[Name]` markers in a scene; the plugin reads them to pick the character of each image.
 MARKER = re.compile(r"\[([^\[\]]*)\]")
 
-CharacterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_\- ]{0,39}$")]
-# One line each: the plugin splits its text inputs on newlines.
-OneLine = Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=r"^[^\r\n]*$")]
-Scene = Annotated[str, StringConstraints(min_length=3, max_length=500, pattern=r"^[^\r\n]*$")]
+CharacterName = Annotated[str, StringConstraints(max_length=40, pattern=r"^[A-Za-z][A-Za-z0-9_\- ]{0,39}$")]
+# One line each: the plugin splits its text inputs on newlines (no other control character either).
+ONE_LINE = r"^[^\x00-\x08\x0a-\x1f\x7f]*$"
+OneLine = Annotated[str, StringConstraints(min_length=1, max_length=1000, pattern=ONE_LINE)]
+Scene = Annotated[str, StringConstraints(min_length=3, max_length=500, pattern=ONE_LINE)]
 
 
 class Character(BaseModel):
