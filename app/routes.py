@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from app.errors import ServiceError, field_errors
 from app.security import current_caller, load_task, owns, task_not_found, valid_task_id
 from app.task_view import API, task_document
-from common.task_store import CANCELLED, FAILED, QUEUED, RUNNING, TERMINAL, now_iso
+from common.task_store import CANCELLED, FAILED, QUEUED, TERMINAL, now_iso
 from common.dispatch import JobSpec, choose
 from common.jobs import send
 from workflows import raw

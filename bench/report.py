@@ -331,7 +331,9 @@ def bottlenecks(results: dict) -> list[str]:
                 f"{rates[1] / rates[0]:.2f} × as fast as a 1× one and got {d['real_jobs_per_gpu'][0]} of "
                 f"{sum(d['real_jobs_per_gpu'])} jobs. "
                 f"The model on the same arrivals and the fitted GPU costs: `choose()` with the learned rates "
-                f"{mr['real dispatcher']} ×, the same `choose()` told the true speeds {mr['real dispatcher, true speeds']} ×. "
+                f"{mr['real dispatcher']} ×, the same `choose()` told the true speeds {mr['real dispatcher, true speeds']} ×"
+                + (" (so better speed estimates alone would not reach the goal). " if mr["real dispatcher, true speeds"] > 1.05
+                   else ". ") +
                 "The rate a worker learns (`workers/runtime.py` `job_measured`: GPU seconds ÷ cost, EWMA 0.3) "
                 "includes each prompt's fixed time (decode, saving the image, event delivery), which the cost model "
                 "(`workflows/*/params.py` `cost`: steps × pixels) has no term for; on small jobs that fixed time "

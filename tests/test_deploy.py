@@ -661,11 +661,13 @@ def test_nginx_proxies_the_api_and_stops_large_bodies(fleet_factory, tmp_path):
     conf = conf.replace("http://api:8080", f"http://127.0.0.1:{fleet.api_port}").replace("/tmp/nginx", f"{tmp_path}/nginx")
     assert f"127.0.0.1:{fleet.api_port}" in conf
     (tmp_path / "nginx.conf").write_text(conf)
+    log = open(tmp_path / "nginx.log", "wb")
     proc = subprocess.Popen([nginx(), "-c", str(tmp_path / "nginx.conf"), "-p", f"{tmp_path}/", "-g", "daemon off;"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: requests.get(base + "/nginx-health", timeout=1).status_code == 200, 10, what="nginx")
+        wait_until(lambda: requests.get(base + "/nginx-health", timeout=1).status_code == 200, 10,
+                   what=f"nginx ({(tmp_path / 'nginx.log').read_text()[-1000:]})")
         health = requests.get(base + "/healthz", headers={"X-Request-ID": "deploy-test-1"}, timeout=5)
         assert health.status_code == 200
         assert requests.get(base + "/metrics", timeout=5).status_code == 404, "metrics stay inside"

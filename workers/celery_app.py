@@ -30,7 +30,10 @@ def make_celery(settings=None) -> Celery:
         result_expires=settings.result_ttl,
         result_extended=True,
         task_track_started=True,
-        task_send_sent_event=True,
+        # No task-sent events: publishing them serialises every submit on one per-process lock
+        # (half a submit's time in the benchmarks); Flower learns of a job from the worker's
+        # task-received event instead.
+        task_send_sent_event=False,
         worker_send_task_events=True,
         worker_hijack_root_logger=False,
         # `celery -A workers.celery_app worker -Q gpu.<host>.<n>` gets the same pool as

@@ -1,7 +1,6 @@
 """Rendering a workflow for one job: pure, so it tests without ComfyUI, Redis or Celery."""
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass
 
@@ -32,7 +31,8 @@ def resolve_seed(params: WorkflowParams, rng: random.Random | None = None) -> Wo
 def render(workflow: Workflow, params: WorkflowParams, output_prefix: str) -> Rendered:
     if params.seed is None:
         raise ValueError("resolve the seed before rendering")
-    api = copy.deepcopy(workflow.api)
+    # New node and inputs dicts only; link lists stay shared (they are never changed).
+    api = {node_id: {**node, "inputs": dict(node["inputs"])} for node_id, node in workflow.api.items()}
     for (node_id, input_name), value in workflow.bind(params, output_prefix).items():
         inputs = api[node_id]["inputs"]
         if input_name not in inputs:  # a binding that misses the graph is a bug in the workflow folder
