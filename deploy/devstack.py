@@ -146,7 +146,8 @@ def main() -> int:
 
         api_host, api_port = os.environ.get("API_HOST", "127.0.0.1"), os.environ.get("API_PORT", "8080")
         api = stack.spawn("api", [sys.executable, "-m", "gunicorn", "app.wsgi:app", "-b", f"{api_host}:{api_port}",
-                                  "-k", "gthread", "--threads", "16", "-w", os.environ.get("API_WORKERS", "2"),
+                                  "-k", "gthread", "--threads", os.environ.get("API_THREADS", "16"),
+                                  "-w", os.environ.get("API_WORKERS", "2"),
                                   "--no-control-socket"], env)
         flower_port = os.environ.get("FLOWER_PORT", "5555")
         stack.spawn("flower", [sys.executable, "-m", "deploy.flower"],
