@@ -39,7 +39,6 @@ def services():
     return current_app.extensions["comfy"]
 
 
-_valid_task_id = valid_task_id  # the old name, for modules that still import it
 
 
 def _no_constants(name: str):

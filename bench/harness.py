@@ -17,6 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import psutil
 import redis
 import requests
 
@@ -304,3 +305,14 @@ def host_info() -> dict:
     return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "platform": platform.platform(terse=True)}
 
+
+def cpu_seconds(procs) -> float:
+    """User + system CPU of these processes so far (processes that are gone count nothing)."""
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total

@@ -17,7 +17,7 @@ import sys
 import time
 import psutil
 
-from bench.harness import short_job, stack, summary, wait_until
+from bench.harness import cpu_seconds, short_job, stack, summary, wait_until
 from common.dispatch import JobSpec, choose
 from common.registry import Registry
 
@@ -25,17 +25,6 @@ from common.registry import Registry
 def _commandstats(r) -> dict[str, int]:
     """Calls per command, less INFO (the benchmark's own reading)."""
     return {k.removeprefix("cmdstat_"): v["calls"] for k, v in r.info("commandstats").items() if k != "cmdstat_info"}
-
-
-def _cpu(procs) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
 
 
 def _dispatch_times(s, rounds: int) -> dict:
@@ -121,9 +110,9 @@ def run(quick: bool = False) -> dict:
         workers = [psutil.Process(w.proc.pid) for w in s.fleet.workers]
         sim_procs = [psutil.Process(x.proc.pid) for x in s.fleet.sims]
         redis_proc = psutil.Process(s.fleet.redis.proc.pid)
-        cpu0, t0 = (_cpu(workers), _cpu(sim_procs), _cpu([redis_proc])), time.monotonic()
+        cpu0, t0 = (cpu_seconds(workers), cpu_seconds(sim_procs), cpu_seconds([redis_proc])), time.monotonic()
         time.sleep(idle_s)
-        cpu1, t1 = (_cpu(workers), _cpu(sim_procs), _cpu([redis_proc])), time.monotonic()
+        cpu1, t1 = (cpu_seconds(workers), cpu_seconds(sim_procs), cpu_seconds([redis_proc])), time.monotonic()
         idle_cores = {name: round((b - a) / (t1 - t0), 3) for name, a, b in zip(("workers", "sims", "redis"), cpu0, cpu1)}
         bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
         time.sleep(0.5)

@@ -21,7 +21,7 @@ import time
 import psutil
 
 from bench import profiling
-from bench.harness import API, short_job, stack
+from bench.harness import API, cpu_seconds, short_job, stack
 from common.registry import Registry
 
 GOAL_RPS, GOAL_P99_MS = 1000.0, 50.0
@@ -48,16 +48,7 @@ def _heartbeat(s, stop: threading.Event) -> None:
 
 
 def _cpu(groups: dict[str, list]) -> dict[str, float]:
-    out = {}
-    for name, procs in groups.items():
-        total = 0.0
-        for p in procs:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        out[name] = total
+    out = {name: cpu_seconds(procs) for name, procs in groups.items()}
     t = psutil.cpu_times()
     out["machine"] = t.user + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
     return out

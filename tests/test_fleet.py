@@ -84,10 +84,7 @@ def test_pinned_job_runs_on_its_gpu_and_a_missing_pin_is_refused(fleet_factory):
 
 def test_worker_killed_mid_job_the_job_runs_again_elsewhere(fleet_factory):
     fleet = fleet_factory(**FAST_FAILOVER)
-    sims = [fleet.add_sim("--step-seconds", "0.05") for _ in range(2)]
-    workers = [fleet.add_worker(sim) for sim in sims]
-    fleet.wait_workers()
-    fleet.start_api()
+    sims, workers = fleet.start_gpus(2, "--step-seconds", "0.05")
     task = submit(fleet.url, job(steps=40))
     running = wait_status(fleet.url, task["task_id"], statuses=("running",))
     victim = next(w for w in workers if w.queue == running["gpu"])
@@ -153,10 +150,7 @@ def test_comfyui_restarted_mid_job_lost_prompt_is_retried(fleet_factory):
 
 def test_silent_gpu_its_waiting_jobs_move_and_it_gets_nothing_new(fleet_factory):
     fleet = fleet_factory(**FAST_FAILOVER)
-    sims = [fleet.add_sim("--step-seconds", "0.03") for _ in range(2)]
-    workers = [fleet.add_worker(sim) for sim in sims]
-    fleet.wait_workers()
-    fleet.start_api()
+    sims, workers = fleet.start_gpus(2, "--step-seconds", "0.03")
     tasks = [submit(fleet.url, job(steps=15)) for _ in range(10)]
     wait_until(lambda: redis.Redis.from_url(fleet.redis.url).zcard("cs:queued:gpu.test.1") >= 2, 10,
                what="jobs waiting on gpu.test.1")
@@ -178,10 +172,7 @@ def test_silent_gpu_its_waiting_jobs_move_and_it_gets_nothing_new(fleet_factory)
 
 def test_job_longer_than_the_visibility_timeout_runs_once(fleet_factory):
     fleet = fleet_factory(VISIBILITY_TIMEOUT="1")
-    sim = fleet.add_sim("--step-seconds", "0.13")
-    fleet.add_worker(sim)
-    fleet.wait_workers()
-    fleet.start_api()
+    (sim,), _ = fleet.start_gpus(1, "--step-seconds", "0.13")
     task = submit(fleet.url, job(steps=100))  # ~13 s: Redis redelivers the unacked message meanwhile
     done = wait_status(fleet.url, task["task_id"], timeout=60)
     assert done["status"] == "succeeded"
@@ -223,10 +214,7 @@ def test_added_worker_takes_work_without_restarting_anything(fleet_factory):
 
 def test_gpu_never_waits_for_the_service_between_jobs(fleet_factory):
     fleet = fleet_factory()
-    sim = fleet.add_sim("--step-seconds", "0.02")
-    fleet.add_worker(sim)
-    fleet.wait_workers()
-    fleet.start_api()
+    (sim,), _ = fleet.start_gpus(1, "--step-seconds", "0.02")
     docs = all_done(fleet, [submit(fleet.url, job(steps=10)) for _ in range(6)])
     assert all(d["status"] == "succeeded" for d in docs)
     rec = sim.record()
@@ -241,10 +229,7 @@ def test_gpu_never_waits_for_the_service_between_jobs(fleet_factory):
 
 def test_warm_shutdown_drains_the_worker_and_moves_what_waits(fleet_factory):
     fleet = fleet_factory()
-    sims = [fleet.add_sim("--step-seconds", "0.03") for _ in range(2)]
-    workers = [fleet.add_worker(sim) for sim in sims]
-    fleet.wait_workers()
-    fleet.start_api()
+    sims, workers = fleet.start_gpus(2, "--step-seconds", "0.03")
     tasks = [submit(fleet.url, job(steps=30)) for _ in range(10)]
     r = redis.Redis.from_url(fleet.redis.url)
     wait_until(lambda: r.scard("cs:running:gpu.test.1") == 2 and r.zcard("cs:queued:gpu.test.1") >= 1, 15,

@@ -19,10 +19,7 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture
 def fleet(fleet_factory):
     fleet = fleet_factory()
-    sim = fleet.add_sim("--step-seconds", "0.02")
-    fleet.add_worker(sim)
-    fleet.wait_workers()
-    fleet.start_api()
+    fleet.start_gpus(1, "--step-seconds", "0.02")
     yield fleet
 
 

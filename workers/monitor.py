@@ -101,11 +101,13 @@ class Monitor:
     def _purge_stale_messages(self, queue: str) -> None:
         """Drop Celery messages in `queue` whose job no longer waits there (moved, cancelled, done)."""
         redis = self.store.redis
+        messages = []
         for raw in redis.lrange(queue, 0, -1):
             try:
-                task_id = json.loads(raw)["headers"]["id"]
+                messages.append((raw, json.loads(raw)["headers"]["id"]))
             except (ValueError, KeyError, TypeError):
                 continue
-            record = self.store.get(task_id)
+        records = self.store.get_many(task_id for _, task_id in messages)  # one round trip for all
+        for (raw, _), record in zip(messages, records):
             if record is None or record.get("status") != QUEUED or record.get("queue") != queue:
                 redis.lrem(queue, 1, raw)

@@ -103,6 +103,14 @@ class Fleet:
             return len(client.zrangebyscore("cs:workers", "-inf", "+inf")) >= count
         wait_until(ready, timeout, what=f"{count} worker heartbeats")
 
+    def start_gpus(self, count: int, *sim_args: str) -> tuple[list[SimProcess], list[Proc]]:
+        """`count` simulators with a worker each, all registered, and the API: a ready fleet."""
+        sims = [self.add_sim(*sim_args) for _ in range(count)]
+        workers = [self.add_worker(sim) for sim in sims]
+        self.wait_workers()
+        self.start_api()
+        return sims, workers
+
     def start_api(self, processes: int = 1) -> Proc:
         self.api_port = self.api_port or free_port()
         self.api = Proc("api", [sys.executable, "-m", "gunicorn", "app.wsgi:app", "-b", f"127.0.0.1:{self.api_port}",
