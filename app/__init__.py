@@ -13,6 +13,7 @@ from app.metrics import blueprint as metrics_blueprint
 from app.openapi import openapi_document
 from app.routes import api, probes
 from app.services import Services
+from app.sse import blueprint as events_blueprint
 from app.task_logs import blueprint as task_logs_blueprint
 from common.logs import setup_logging
 from common.settings import Settings, get_settings
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     app.register_blueprint(api, url_prefix="/api/v1")
     app.register_blueprint(task_logs_blueprint, url_prefix="/api/v1")
+    app.register_blueprint(events_blueprint, url_prefix="/api/v1")
     app.register_blueprint(probes)
     app.register_blueprint(metrics_blueprint)
     document = openapi_document(app.extensions["comfy"].catalog)

@@ -61,6 +61,9 @@ class RedisCollector:
             "failed": CounterMetricFamily("comfy_jobs_failed", "Jobs that failed, by error source and code.",
                                           labels=["workflow", "source", "code"]),
             "cancelled": CounterMetricFamily("comfy_jobs_cancelled", "Jobs cancelled.", labels=["workflow"]),
+            "webhook": CounterMetricFamily("comfy_webhook_attempts", "Webhook delivery attempts by event type and "
+                                           "outcome (delivered, retrying, failed: given up, rejected: URL no "
+                                           "longer allowed).", labels=["event", "outcome"]),
         }
         for field, value in raw.items():
             kind, *labels = _text(field).split("|")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from app.openapi_security import secure_document
+from common.webhooks import OPTIONAL_EVENTS
 from workflows.catalog import Workflow
 
 REF = "#/components/schemas/{model}"
@@ -47,7 +48,7 @@ SCHEMAS = {
     "Task": {
         "type": "object",
         "required": ["task_id", "status", "workflow", "gpu", "queue_position", "progress", "params", "created_at",
-                     "started_at", "finished_at", "result", "error"],
+                     "started_at", "finished_at", "result", "error", "callback"],
         "properties": {
             "task_id": {"type": "string", "format": "uuid"},
             "status": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
@@ -64,9 +65,82 @@ SCHEMAS = {
             "result": {"type": ["object", "null"], "properties": {
                 "images": {"type": "array", "items": {"$ref": "#/components/schemas/Image"}}}},
             "error": {"type": ["object", "null"], "description": "As in Error.error, when failed."},
+            "callback": {"$ref": "#/components/schemas/Callback"},
+        },
+    },
+    "Callback": {
+        "type": ["object", "null"],
+        "description": "The job's webhook (null without callback_url) and how its final delivery went.",
+        "properties": {
+            "url": {"type": "string"},
+            "events": {"type": "array", "items": {"enum": list(OPTIONAL_EVENTS)}},
+            "state": {"enum": ["pending", "retrying", "delivered", "failed"],
+                      "description": "Of the final document's delivery."},
+            "attempts": {"type": "integer", "minimum": 0},
+            "last_status": {"type": ["integer", "null"], "description": "The receiver's last HTTP status."},
+            "last_error": NULLABLE_STR,
+            "delivered_at": {"type": ["string", "null"], "format": "date-time"},
+        },
+    },
+    "QueuedEvent": {
+        "type": "object", "description": "SSE `queued`: logged (with an id) when the job is queued or moved to "
+                                         "another GPU; sent again without an id whenever its position changes.",
+        "properties": {"task_id": {"type": "string"}, "status": {"const": "queued"},
+                       "queue_position": {"type": ["integer", "null"], "minimum": 1}, "gpu": {"type": "null"}},
+    },
+    "StartedEvent": {
+        "type": "object", "description": "SSE `started`: a worker took the job (again, after a failover).",
+        "properties": {"task_id": {"type": "string"}, "status": {"const": "running"}, "gpu": {"type": "string"}},
+    },
+    "ProgressEvent": {
+        "type": "object", "description": "SSE `progress` (webhook `task.progress`): job-wide percent, the node "
+                                         "running and its step.",
+        "properties": {"task_id": {"type": "string"}, "percent": {"type": "number"}, "node": NULLABLE_STR,
+                       "step": {"type": "integer"}, "max": {"type": "integer"}},
+    },
+    "OutputEvent": {
+        "type": "object", "description": "SSE `output` (webhook `task.output`): one stored image, servable at url "
+                                         "from now on.",
+        "properties": {"task_id": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
+                       "url": {"type": "string"}, "content_type": {"type": "string"},
+                       "width": {"type": ["integer", "null"]}, "height": {"type": ["integer", "null"]},
+                       "size": {"type": "integer"}},
+    },
+    "WebhookEvent": {
+        "type": "object", "required": ["type", "timestamp", "data"],
+        "properties": {
+            "type": {"enum": [f"task.{kind}" for kind in ("succeeded", "failed", "cancelled", *OPTIONAL_EVENTS)]},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "data": {"description": "task.succeeded/failed/cancelled/started: the Task document; task.progress: "
+                                    "a ProgressEvent; task.output: an OutputEvent."},
         },
     },
 }
+
+# Service fields of every generate body, beside the workflow's own parameters.
+CALLBACK_FIELDS = {
+    "callback_url": {
+        "type": "string", "format": "uri", "maxLength": 2048,
+        "description": ("POST the final task document here, signed per Standard Webhooks (see `webhooks`). The "
+                        "host must be on the service's WEBHOOK_ALLOWED_HOSTS (else 422 callback_not_allowed)."),
+    },
+    "callback_events": {
+        "type": "array", "uniqueItems": True, "maxItems": len(OPTIONAL_EVENTS),
+        "items": {"enum": list(OPTIONAL_EVENTS)},
+        "description": "Also POST these events (the final document is always sent). Needs callback_url.",
+    },
+}
+SSE_DESCRIPTION = """\
+Server-Sent Events. The stream starts with `retry: 2000`, replays the job's events from the start (or after
+Last-Event-ID) and follows it live:
+
+- `queued` (QueuedEvent), `started` (StartedEvent), `progress` (ProgressEvent), `output` (OutputEvent), each
+  with an `id:`; queue-position updates repeat `queued` without an id;
+- one final `succeeded` | `failed` | `cancelled` whose data is the Task document; then the stream ends.
+
+Comment lines (`: keep-alive`) every SSE_KEEPALIVE seconds while idle. Reconnect with the last `id:` seen as
+`Last-Event-ID` to resume without losing or repeating an event. A stream open SSE_MAX_SECONDS ends without a
+final event: reconnect the same way."""
 
 
 def openapi_document(catalog: dict[str, Workflow]) -> dict:
@@ -81,6 +155,7 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                     "description": "Pin the job to this GPU queue (gpu.<host>.<index>)."},
             "host": {"type": "string", "maxLength": 128, "pattern": "^[A-Za-z0-9_.\\-]{1,128}$",
                      "description": "Pin the job to any GPU of this host."},
+            **CALLBACK_FIELDS,
             **schema["properties"]}
         if name != "storydiffusion":
             schema.setdefault("required", []).insert(0, "workflow")
@@ -103,7 +178,11 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                     "400": _error_response("The body is not a JSON object."),
                     "413": _error_response("The body is too large."),
                     "415": _error_response("The body is not JSON."),
-                    "422": _error_response("Unknown workflow or invalid parameters (details.errors names each field)."),
+                    "422": _error_response(
+                        "Unknown workflow (unknown_workflow) or invalid parameters (invalid_parameters: "
+                        "details.errors names each field); a callback the service will not call: webhooks_disabled "
+                        "(no WEBHOOK_SECRET / WEBHOOK_ALLOWED_HOSTS here), invalid_callback_url, "
+                        "callback_not_allowed (host not allowed), invalid_callback_events."),
                     "503": _error_response("Redis is down (broker_unavailable), no healthy GPU worker is available "
                                            "(no_worker), or none matches the pin (gpu_unavailable)."),
                 }}},
@@ -120,6 +199,23 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                                "409": _error_response("The task already ended (details.status)."),
                                "503": _error_response("Redis is down.")}},
             },
+            "/api/v1/tasks/{task_id}/events": {"get": {
+                "summary": "The job's progress as Server-Sent Events, resumable", "operationId": "taskEvents",
+                "description": SSE_DESCRIPTION,
+                "parameters": [task_id, {
+                    "name": "Last-Event-ID", "in": "header", "required": False,
+                    "description": "Resume after this event (what an EventSource sends when it reconnects).",
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}}, {
+                    "name": "last_event_id", "in": "query", "required": False,
+                    "description": "The same, for clients that cannot set headers (the header wins).",
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}}],
+                "responses": {
+                    "200": {"description": "The event stream.",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    "204": {"description": "The job ended and Last-Event-ID is its final event: nothing more will "
+                                           "come (an EventSource stops reconnecting)."},
+                    "400": _error_response("Last-Event-ID is not an id this stream sends (invalid_last_event_id)."),
+                    "404": not_found}}},
             "/api/v1/tasks/{task_id}/images/{index}": {"get": {
                 "summary": "One output image", "operationId": "getImage",
                 "parameters": [task_id, {"name": "index", "in": "path", "required": True,
@@ -158,5 +254,25 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                                 "responses": {"200": {"description": "Ready."},
                                               "503": _error_response("Not ready (details say why).")}}},
         },
+        "webhooks": {"taskEvent": {"post": {
+            "summary": "What the service POSTs to a job's callback_url",
+            "description": (
+                "Signed per the Standard Webhooks spec: `webhook-signature` is `v1,` + base64(HMAC-SHA256(secret, "
+                "`<webhook-id>.<webhook-timestamp>.<body>`)), the secret being WEBHOOK_SECRET without its `whsec_` "
+                "prefix, base64-decoded (several space-separated signatures while secrets rotate). `webhook-id` is "
+                "the same on every retry of one message: deduplicate by it. Any 2xx is success. No answer, 5xx, "
+                "3xx (redirects are not followed), 408, 409, 425 and 429 are retried after WEBHOOK_BACKOFF seconds, "
+                "doubling up to WEBHOOK_BACKOFF_MAX, WEBHOOK_MAX_ATTEMPTS attempts in all; any other 4xx is final. "
+                "task.progress is sent once, never retried."),
+            "parameters": [
+                {"name": "webhook-id", "in": "header", "required": True, "schema": {"type": "string"}},
+                {"name": "webhook-timestamp", "in": "header", "required": True,
+                 "description": "Unix seconds of this attempt: reject old ones (replays).",
+                 "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                {"name": "webhook-signature", "in": "header", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/WebhookEvent"}}}},
+            "responses": {"2XX": {"description": "Delivered."},
+                          "default": {"description": "Retried or given up, as described."}}}}},
         "components": {"schemas": schemas},
     })

@@ -12,10 +12,11 @@ from pydantic import ValidationError
 
 from app.errors import ServiceError, field_errors
 from app.security import current_caller, load_task, owns, task_not_found, valid_task_id
-from app.task_view import API, task_document
+from common.task_view import API, task_document
 from common.task_store import CANCELLED, FAILED, QUEUED, TERMINAL, now_iso
 from common.dispatch import JobSpec, choose
 from common.jobs import send
+from common import webhooks
 from workflows import raw
 from workflows.render import render, resolve_seed
 
@@ -149,6 +150,24 @@ def _render_raw(body: dict, task_id: str):
     return raw.render_raw(graph, output_prefix=f"cs_{task_id}")
 
 
+def _callback(url, events) -> dict | None:
+    """The job's webhook, if it asked for one the service may call (common/webhooks.py)."""
+    if url is None:
+        if events is not None:
+            raise ServiceError(422, "invalid_parameters", "callback_events: needs callback_url", {
+                "errors": [{"field": "callback_events", "message": "needs callback_url", "type": "dependency"}]})
+        return None
+    settings = services().settings
+    try:
+        checked = webhooks.check_callback(url, webhooks.parse_allowlist(settings.webhook_allowed_hosts),
+                                          bool(settings.webhook_secret.get_secret_value().strip()))
+        chosen = webhooks.check_events([] if events is None else events)
+    except webhooks.CallbackRejected as exc:
+        field = "callback_events" if exc.code == "invalid_callback_events" else "callback_url"
+        raise ServiceError(422, exc.code, f"{field}: {exc.message}", {"field": field}) from None
+    return {"url": checked, "events": chosen}
+
+
 @api.post("/generate")
 def generate():
     svc = services()
@@ -163,6 +182,7 @@ def generate():
             return replay
     name = body.pop("workflow", DEFAULT_WORKFLOW)
     pin = {key: body.pop(key) for key in PIN_FIELDS if key in body}
+    callback = _callback(body.pop("callback_url", None), body.pop("callback_events", None))
     if not isinstance(name, str) or (name not in svc.catalog and name != raw.NAME):
         shown = name[:64] if isinstance(name, str) else type(name).__name__
         raise ServiceError(422, "unknown_workflow", f"no workflow named {shown!r}",
@@ -199,6 +219,8 @@ def generate():
         "expected_images": rendered.expected_images, "cancel_requested": False,
         "cost": rendered.cost, "checkpoint": rendered.checkpoint, "pin": pin, "attempts": 0, "attempt_log": [],
     }
+    if callback:
+        record["callback"] = callback
     idempotency = None
     if idem_key:
         ttl = min(IDEMPOTENCY_TTL, svc.settings.result_ttl)

@@ -11,6 +11,7 @@ from common.registry import Registry
 from common.settings import Settings
 from common.storage import Storage, make_storage
 from common.task_store import TaskStore, task_key
+from common.webhooks import Notifier
 from workers.celery_app import make_celery
 from workflows.catalog import Workflow, load_catalog
 
@@ -29,9 +30,11 @@ class Services:
     def build(cls, settings: Settings) -> "Services":
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
                                       health_check_interval=30)
-        return cls(settings=settings, redis=client, store=TaskStore(client, settings.result_ttl),
-                   registry=Registry(client, settings.heartbeat_ttl), storage=make_storage(settings),
-                   celery=make_celery(settings), catalog=load_catalog())
+        celery = make_celery(settings)
+        notifier = Notifier(celery, settings.webhook_queue)
+        store = TaskStore(client, settings.result_ttl, settings.events_ttl, notify=notifier.on_status)
+        return cls(settings=settings, redis=client, store=store, registry=Registry(client, settings.heartbeat_ttl),
+                   storage=make_storage(settings), celery=celery, catalog=load_catalog())
 
     def read_task(self, task_id: str) -> tuple[dict | None, dict | None]:
         """The record and the live progress the worker last wrote: one round trip."""

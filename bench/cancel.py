@@ -132,6 +132,6 @@ def run(quick: bool = False) -> dict:
                      "difference_p95_ms": {k: round(stats[k]["p95"] - base_stats[k]["p95"], 2) for k in base_stats}},
         "stages_ms": stats,
         "setup": {"rounds": rounds, "simulator": "--step-seconds 0.01 (an interrupt lands at the next step, ≤ 10 ms)",
-                  "api": "gunicorn gthread -w 2 --threads 16", "worker": "WORKER_CONCURRENCY=2"},
+                  "api": "gunicorn gevent -w 2 (as make run)", "worker": "WORKER_CONCURRENCY=2"},
         "series": {k: [round(x * 1000, 3) for x in v if x is not None] for k, v in samples.items()},
     }

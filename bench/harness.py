@@ -58,12 +58,12 @@ class Stack:
             sim_or_url = _Url(sim_or_url)
         return self.fleet.add_worker(sim_or_url, queue=queue, **env)
 
-    def api(self, workers: int = 2, threads: int = 16) -> str:
-        """gunicorn with deploy/devstack.py's flags (gthread, 16 threads, API_WORKERS=2)."""
+    def api(self, workers: int = 2, connections: int = 1000) -> str:
+        """gunicorn with deploy/devstack.py's flags (gevent, 1000 connections, API_WORKERS=2)."""
         fleet = self.fleet
         fleet.api_port = free_port()
         fleet.api = Proc("api", [sys.executable, "-m", "gunicorn", "app.wsgi:app", "-b", f"127.0.0.1:{fleet.api_port}",
-                                 "-k", "gthread", "--threads", str(threads), "-w", str(workers),
+                                 "-k", "gevent", "--worker-connections", str(connections), "-w", str(workers),
                                  "--graceful-timeout", "2", "--no-control-socket"],
                          fleet.env(), self.workdir / "api.log").start()
 

@@ -130,7 +130,7 @@ def run(quick: bool = False) -> dict:
         "phases_ms": {k: summary(v) for k, v in phases.items()},
         "floor_phases_ms": {k: summary(v) for k, v in floor_phases.items()},
         "setup": {"jobs": len(svc), "warmup_dropped": WARMUP, "workflow": "storydiffusion, 1 scene 256², 2 steps",
-                  "simulator": "--step-seconds 0.01 --speed 4", "api": "gunicorn gthread -w 2 --threads 16",
+                  "simulator": "--step-seconds 0.01 --speed 4", "api": "gunicorn gevent -w 2 (as make run)",
                   "poll": "GET /tasks/{id} every ~1 ms until succeeded"},
         "worker_profile": profile,
         "series": {"service_ms": [round(v * 1000, 3) for v in svc], "floor_ms": [round(v * 1000, 3) for v in flr]},

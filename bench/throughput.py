@@ -1,6 +1,6 @@
 """Figure 5: API throughput under concurrent load, POST /generate and GET /tasks/{id}.
 
-The API runs as `make run` starts it (gunicorn gthread, 2 workers × 16 threads) on this
+The API runs as `make run` starts it (gunicorn gevent, 2 workers) on this
 machine's 2 cores, with Redis and the load generator on the same cores. A closed-loop
 load generator (wrk, or bench.loadgen where wrk is absent) keeps 64 and then 256
 connections busy. Submits need a live worker: the benchmark publishes a heartbeat for one
@@ -208,7 +208,7 @@ def run(quick: bool = False) -> dict:
         "lowest_submit_rps": low["rps"],
         "registry_read_vs_backlog": alive_cost,
         "profile": profile,
-        "setup": {"seconds_per_run": seconds, "api": "gunicorn gthread -w 2 --threads 16 (as make run)",
+        "setup": {"seconds_per_run": seconds, "api": "gunicorn gevent -w 2 (as make run)",
                   "tool": low["tool"], "worker": "none: a heartbeat published by the benchmark; jobs wait in Redis",
                   "body": "storydiffusion, 1 scene 256², 2 steps"},
     }

@@ -39,6 +39,12 @@ def _observe(pipe, name: str, workflow: str, seconds: float) -> None:
     pipe.hincrby(key, f"{workflow}|count", 1)
 
 
+def webhook_attempt(client: redis.Redis, kind: str, outcome: str) -> None:
+    """One webhook attempt: delivered, retrying (will be tried again), failed (given up) or
+    rejected (its URL is no longer allowed)."""
+    client.hincrby(COUNTERS, f"webhook|{kind}|{outcome}", 1)
+
+
 def job_submitted(pipe, workflow: str) -> None:
     pipe.hincrby(COUNTERS, f"submitted|{workflow}", 1)
 

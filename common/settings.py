@@ -59,6 +59,27 @@ class Settings(BaseSettings):
     progress_interval: float = Field(0.2, ge=0, validation_alias="PROGRESS_INTERVAL")
     comfyui_timeout: float = Field(10.0, gt=0, validation_alias="COMFYUI_TIMEOUT", description="Per HTTP call.")
 
+    # The event stream (GET /api/v1/tasks/{id}/events) and each job's event log behind it.
+    events_ttl: int = Field(3600, gt=0, validation_alias="EVENTS_TTL",
+                            description="Seconds a finished job's event log is kept (then: its record).")
+    sse_keepalive: float = Field(15.0, gt=0, validation_alias="SSE_KEEPALIVE")
+    sse_max_seconds: float = Field(3600.0, gt=0, validation_alias="SSE_MAX_SECONDS",
+                                   description="A stream closes after this; the client resumes.")
+
+    # Webhooks (docs/api.md): signed per Standard Webhooks, delivered by `python -m workers.webhooks`.
+    webhook_secret: SecretStr = Field(SecretStr(""), validation_alias="WEBHOOK_SECRET",
+                                      description="whsec_<base64>; a comma list signs with each (rotation).")
+    webhook_allowed_hosts: str = Field("", validation_alias="WEBHOOK_ALLOWED_HOSTS",
+                                       description="Comma list: host, host:port, *.domain. Empty: callbacks refused.")
+    webhook_queue: str = Field("cs.webhooks", validation_alias="WEBHOOK_QUEUE")
+    webhook_timeout: float = Field(10.0, gt=0, validation_alias="WEBHOOK_TIMEOUT")
+    webhook_max_attempts: int = Field(8, ge=1, le=30, validation_alias="WEBHOOK_MAX_ATTEMPTS")
+    webhook_backoff: float = Field(2.0, gt=0, validation_alias="WEBHOOK_BACKOFF",
+                                   description="Seconds before the 2nd attempt; doubles each time.")
+    webhook_backoff_max: float = Field(600.0, gt=0, validation_alias="WEBHOOK_BACKOFF_MAX")
+    webhook_progress_interval: float = Field(2.0, ge=0, validation_alias="WEBHOOK_PROGRESS_INTERVAL")
+    webhook_concurrency: int = Field(8, ge=1, le=256, validation_alias="WEBHOOK_CONCURRENCY")
+
     # Output files.
     storage_backend: str = Field("local", validation_alias="STORAGE_BACKEND")
     storage_dir: str = Field("var/outputs", validation_alias="STORAGE_DIR")

@@ -9,7 +9,10 @@ The same script keeps the per-queue indexes that dispatch and failover read:
 - `cs:queued:<queue>`  sorted set of waiting jobs (score: enqueue time) → queue position;
 - `cs:running:<queue>` set of jobs a worker of that queue has started;
 - `cs:load:<queue>`    hash job → cost of every job waiting or running there (backlog).
-The rendered graphs a job runs live beside the record in `cs:payload:<id>`.
+The rendered graphs a job runs live beside the record in `cs:payload:<id>` (kept EVENTS_TTL
+once the job ended).
+Both scripts also append the status change to the job's event log (common/events.py), in the
+same step, so the event stream and webhooks see exactly the transitions the record went through.
 
 And the active-job sets the submission caps count (MAX_ACTIVE_JOBS, MAX_ACTIVE_JOBS_PER_KEY):
 `cs:active` and `cs:active:<owner>` hold every job not yet finished. A job enters them in the
@@ -20,13 +23,16 @@ whichever path gets it there (cancel, success, failure, failover giving up).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import datetime, timezone
-from typing import Iterable
+from typing import Callable, Iterable
 
 import redis
 
 from common import metrics
+
+log = logging.getLogger("comfy.tasks")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
@@ -36,7 +42,8 @@ CANCEL_CHANNEL = "cs:cancel"
 # "[]" = any non-terminal), [2] new status (JSON-encoded, "" = keep), [3] new queue (plain,
 # "" = keep), [4] queue the caller requires the job to be on ("" = any), [5] now in ms,
 # [6] worker instance the caller requires to own the job (JSON-encoded, "" = any),
-# then field/value pairs. Returns {applied (0/1), status before (JSON) or ''}.
+# [7] seconds a finished job's event log is kept, then field/value pairs.
+# Returns {applied (0/1), status before (JSON) or '', the record's callback (JSON) or ''}.
 _TRANSITION = """
 local key = KEYS[1]
 local current = redis.call('HGET', key, 'status')
@@ -51,7 +58,7 @@ end
 local queue = cjson.decode(redis.call('HGET', key, 'queue'))
 if ok and ARGV[4] ~= '' and ARGV[4] ~= queue then ok = false end
 if ok and ARGV[6] ~= '' and ARGV[6] ~= redis.call('HGET', key, 'worker') then ok = false end
-if not ok then return {0, current} end
+if not ok then return {0, current, ''} end
 local id = string.sub(key, 9)
 local status = ARGV[2]
 if status ~= '' then
@@ -75,9 +82,26 @@ if status ~= '' then
     redis.call('SREM', 'cs:active:' .. owner, id)
   end
   redis.call('HSET', key, 'status', status, 'queue', cjson.encode(target))
+  local kind = cjson.decode(status)
+  if kind == 'running' then kind = 'started' end
+  local events = 'cs:events:' .. id
+  local event = redis.call('XADD', events, 'MAXLEN', '~', 10000, '*', 'type', kind,
+                          'data', cjson.encode({queue = target, from_queue = queue}))
+  if kind == 'succeeded' or kind == 'failed' or kind == 'cancelled' then
+    -- The record remembers its final event's id: a stream read after the log expired still
+    -- tells a client that saw it (Last-Event-ID) from one that did not.
+    redis.call('HSET', key, 'final_event', cjson.encode(event))
+    redis.call('EXPIRE', events, tonumber(ARGV[7]))
+    -- Nothing runs the graphs again (failover is over): keep them as briefly as the events.
+    local payload = 'cs:payload:' .. id
+    if redis.call('TTL', payload) > tonumber(ARGV[7]) then redis.call('EXPIRE', payload, tonumber(ARGV[7])) end
+  else
+    local ttl = redis.call('PTTL', key)
+    if ttl > 0 then redis.call('PEXPIRE', events, ttl) end
+  end
 end
-if #ARGV > 6 then redis.call('HSET', key, unpack(ARGV, 7)) end
-return {1, current}
+if #ARGV > 7 then redis.call('HSET', key, unpack(ARGV, 8)) end
+return {1, current, redis.call('HGET', key, 'callback') or ''}
 """
 
 
@@ -122,6 +146,10 @@ redis.call('HSET', KEYS[4], ARGV[5], ARGV[4])
 redis.call('SADD', KEYS[5], ARGV[5])
 redis.call('SADD', KEYS[6], ARGV[5])
 if #KEYS >= 7 then redis.call('SET', KEYS[7], ARGV[8], 'EX', tonumber(ARGV[9])) end
+local events = 'cs:events:' .. ARGV[5]
+redis.call('XADD', events, 'MAXLEN', '~', 10000, '*', 'type', 'queued',
+           'data', cjson.encode({queue = string.sub(KEYS[3], 11)}))
+redis.call('EXPIRE', events, ttl)
 return {1}
 """
 
@@ -167,10 +195,16 @@ def decode_record(raw: dict) -> dict:
     return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
 
 
+# Called after a status change of a job that has a callback: (task id, new status, callback).
+Notify = Callable[[str, str, dict], None]
+
+
 class TaskStore:
-    def __init__(self, client: redis.Redis, ttl: int):
+    def __init__(self, client: redis.Redis, ttl: int, events_ttl: int = 3600, notify: Notify | None = None):
         self.redis = client
         self.ttl = ttl
+        self.events_ttl = events_ttl
+        self.notify = notify  # webhooks (common/webhooks.py); None: this process sends none
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
 
@@ -246,15 +280,22 @@ class TaskStore:
         Returns (applied, status before). A missing record gives (False, None).
         """
         allowed_json = json.dumps([json.dumps(s) for s in allowed])
-        applied, before = self._transition(
+        applied, before, callback = self._transition(
             keys=[task_key(task_id)],
             args=[allowed_json, json.dumps(status) if status else "", queue or "", on_queue or "",
-                  int(time.time() * 1000), json.dumps(owner) if owner else "", *_encode(fields)],
+                  int(time.time() * 1000), json.dumps(owner) if owner else "", int(self.events_ttl),
+                  *_encode(fields)],
         )
         before = before.decode() if isinstance(before, bytes) else before
         if applied and status in TERMINAL:
             record = self.get(task_id) or {}
             metrics.job_finished(self.redis, record, status, fields.get("error"))
+        callback = json.loads(callback) if callback else None
+        if applied and status and callback and self.notify is not None:
+            try:
+                self.notify(task_id, status, callback)
+            except Exception:  # noqa: BLE001 - a webhook must never undo or block a job's transition
+                log.exception("task %s: webhook for %s not queued", task_id, status)
         return bool(applied), (json.loads(before) if before else None)
 
     def update(self, task_id: str, **fields) -> None:

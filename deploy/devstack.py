@@ -3,14 +3,17 @@
 - Redis: REDIS_URL if set, else a private redis-server started here (var/redis).
 - ComfyUI: COMFYUI_URLS (comma-separated) if set, else two ComfyUI SIMULATORS (no GPU, no
   models: labelled pictures), on ports 8188 and 8189.
-- One Celery worker per ComfyUI, each on its own GPU queue gpu.<host>.<n>.
-- The API under gunicorn on API_HOST:API_PORT (default http://127.0.0.1:8080: loopback, because
-  without API keys the API is open; see docs/security.md).
+- One Celery worker per ComfyUI, each on its own GPU queue gpu.<host>.<n>, and the webhook
+  worker (a secret in var/webhook_secret and callbacks to this machine unless WEBHOOK_* are set).
+- The API under gunicorn (gevent workers) on API_HOST:API_PORT (default http://127.0.0.1:8080:
+  loopback, because without API keys the API is open; see docs/security.md).
 - Flower on http://127.0.0.1:5555.
 """
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -99,6 +102,23 @@ def _say_access(api_host: str, redis_url: str) -> None:
     print(BANNER, flush=True)
 
 
+def _webhook_env() -> dict[str, str]:
+    """Webhooks work out of the box here: a secret kept in var/ and callbacks to this machine.
+    (A deployment sets both itself; with neither, callback_url is refused.)"""
+    env = {}
+    if not os.environ.get("WEBHOOK_SECRET"):
+        path = VAR / "webhook_secret"
+        if not path.exists():
+            path.write_text("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+            path.chmod(0o600)
+        env["WEBHOOK_SECRET"] = path.read_text().strip()
+        say(f"webhooks signed with the secret in {path.relative_to(REPO)} (set WEBHOOK_SECRET to choose one)")
+    if not os.environ.get("WEBHOOK_ALLOWED_HOSTS"):
+        env["WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1,localhost"
+        say("callback_url may name 127.0.0.1 or localhost (set WEBHOOK_ALLOWED_HOSTS for others)")
+    return env
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -137,6 +157,7 @@ def main() -> int:
                                                            "--gpu-name", f"Simulated GPU {index}"])
                 urls.append(f"http://127.0.0.1:{port}")
                 wait_http(urls[-1] + "/system_stats", sim, f"simulator {index}")
+        env.update(_webhook_env())
         host = socket.gethostname()
         for index, url in enumerate(urls):
             queue = f"gpu.{host}.{index}"
@@ -144,9 +165,11 @@ def main() -> int:
                         {**env, "COMFYUI_URL": url, "GPU_INDEX": str(index), "GPU_QUEUE": queue})
             say(f"worker {queue} drives ComfyUI at {url}")
 
+        stack.spawn("webhooks", [sys.executable, "-m", "workers", "webhooks"], env)
         api_host, api_port = os.environ.get("API_HOST", "127.0.0.1"), os.environ.get("API_PORT", "8080")
         api = stack.spawn("api", [sys.executable, "-m", "gunicorn", "app.wsgi:app", "-b", f"{api_host}:{api_port}",
-                                  "-k", "gthread", "--threads", os.environ.get("API_THREADS", "16"),
+                                  "-k", "gevent", "--worker-connections",
+                                  os.environ.get("API_WORKER_CONNECTIONS", "1000"),
                                   "-w", os.environ.get("API_WORKERS", "2"),
                                   "--no-control-socket"], env)
         flower_port = os.environ.get("FLOWER_PORT", "5555")

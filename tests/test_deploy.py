@@ -16,6 +16,7 @@ only where `docker compose` (or a v2 `docker-compose`) works.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.metadata as md
 import json
 import os
@@ -129,9 +130,9 @@ def test_service_images_install_requirements_before_the_code(name):
     assert first_req < first_code, "dependency layers come before the code (cache-friendly)"
 
 
-def test_api_image_runs_gunicorn_gthread_on_all_interfaces():
+def test_api_image_runs_gunicorn_gevent_on_all_interfaces():
     cmd = " ".join(default_cmd(DOCKERFILES["api"]))
-    assert "gunicorn app.wsgi:app -k gthread" in cmd and "$API_WORKERS" in cmd and "$API_THREADS" in cmd
+    assert "gunicorn app.wsgi:app -k gevent" in cmd and "$API_WORKERS" in cmd and "$API_WORKER_CONNECTIONS" in cmd
     env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for k, a in dockerfile_instructions(DOCKERFILES["api"]) if k == "ENV")))
     assert env["API_HOST"] == "0.0.0.0" and env["API_PORT"] == "8080"
     logger = re.search(r"--logger-class (\S+)", cmd)
@@ -601,7 +602,7 @@ def venv_env(**extra) -> dict[str, str]:
 
 def test_api_image_command_and_healthcheck_work(redis_server, tmp_path):
     port = free_port()
-    env = venv_env(API_HOST="127.0.0.1", API_PORT=str(port), API_WORKERS="1", API_THREADS="4",
+    env = venv_env(API_HOST="127.0.0.1", API_PORT=str(port), API_WORKERS="1", API_WORKER_CONNECTIONS="50",
                    REDIS_URL=redis_server.url, STORAGE_DIR=str(tmp_path / "outputs"), LOG_DIR="")
     log = open(tmp_path / "api.log", "wb")
     proc = subprocess.Popen(default_cmd(DOCKERFILES["api"]), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -633,6 +634,19 @@ def test_worker_image_healthcheck_pings_the_running_worker(fleet_factory):
     assert run(check, cwd=REPO, env=env, timeout=30).returncode != 0
 
 
+def test_webhooks_service_healthcheck_pings_the_running_webhook_worker(fleet_factory):
+    fleet = fleet_factory()
+    worker = fleet.add_webhook_worker()
+    check = services()["webhooks"]["healthcheck"]["test"]
+    assert check[0] == "CMD-SHELL"
+    command = ["sh", "-c", check[1].replace("$$", "$")]  # compose's escape for a literal $
+    env = venv_env(**fleet.env())
+    assert wait_until(lambda: run(command, cwd=REPO, env=env, timeout=30).returncode == 0 or None, 30,
+                      what="the webhook worker answering its ping")
+    worker.stop()
+    assert run(command, cwd=REPO, env=env, timeout=30).returncode != 0
+
+
 def test_comfyui_healthcheck_probes_system_stats(sim):
     check = healthcheck_cmd(DOCKERFILES["comfyui"])
     assert run(check, env=venv_env(COMFYUI_PORT=str(sim.port))).returncode == 0
@@ -652,9 +666,9 @@ def test_nginx_conf_passes_nginx_t(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_nginx_proxies_the_api_and_stops_large_bodies(fleet_factory, tmp_path):
-    fleet = fleet_factory()
-    fleet.start_api()
+@contextlib.contextmanager
+def nginx_in_front_of(fleet, tmp_path):
+    """deploy/nginx/nginx.conf, run here on a free port with the fleet's API as its upstream."""
     port = free_port()
     conf = NGINX_CONF.read_text()
     conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
@@ -668,6 +682,16 @@ def test_nginx_proxies_the_api_and_stops_large_bodies(fleet_factory, tmp_path):
     try:
         wait_until(lambda: requests.get(base + "/nginx-health", timeout=1).status_code == 200, 10,
                    what=f"nginx ({(tmp_path / 'nginx.log').read_text()[-1000:]})")
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+def test_nginx_proxies_the_api_and_stops_large_bodies(fleet_factory, tmp_path):
+    fleet = fleet_factory()
+    fleet.start_api()
+    with nginx_in_front_of(fleet, tmp_path) as base:
         health = requests.get(base + "/healthz", headers={"X-Request-ID": "deploy-test-1"}, timeout=5)
         assert health.status_code == 200
         assert requests.get(base + "/metrics", timeout=5).status_code == 404, "metrics stay inside"
@@ -676,9 +700,23 @@ def test_nginx_proxies_the_api_and_stops_large_bodies(fleet_factory, tmp_path):
         assert big.status_code == 413, big.text
         small = requests.post(base + "/api/v1/generate", json={"workflow": "nope"}, timeout=10)
         assert small.headers.get("Content-Type", "").startswith("application/json"), "the API answers, not nginx"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
+
+
+def test_nginx_passes_the_event_stream_through_as_it_is_written(fleet_factory, tmp_path):
+    import sseclient
+
+    fleet = fleet_factory()
+    fleet.start_gpus(1, "--step-seconds", "0.1")
+    with nginx_in_front_of(fleet, tmp_path) as base:
+        body = {"characters": [{"name": "Lena", "description": "red hair"}], "scenes": ["[Lena] at sea"],
+                "width": 256, "height": 256, "steps": 40}
+        task = requests.post(base + "/api/v1/generate", json=body, timeout=10).json()
+        response = requests.get(f"{base}/api/v1/tasks/{task['task_id']}/events", stream=True, timeout=30)
+        events = sseclient.SSEClient(response).events()
+        first = next(events)  # arrives while the job runs (4 s of steps): nothing buffered it
+        status = requests.get(f"{base}/api/v1/tasks/{task['task_id']}", timeout=5).json()["status"]
+        assert first.event == "queued" and status in ("queued", "running")
+        assert [e.event for e in events][-1] == "succeeded"
 
 
 # ---- deploy/comfyui scripts ----------------------------------------------------------------------

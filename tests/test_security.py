@@ -532,6 +532,28 @@ def test_openapi_document_declares_security_and_every_error():
     assert {"$ref": "#/components/schemas/Generate_raw"} in variants["anyOf"]
 
 
+def test_openapi_document_names_every_route_the_api_serves(redis_server):
+    import re as _re
+
+    from app import create_app
+    from app.openapi import openapi_document
+    from common.settings import Settings
+    from workflows.catalog import load_catalog
+
+    document = openapi_document(load_catalog())
+    flask_app = create_app(Settings(REDIS_URL=redis_server.url, LOG_DIR=""))
+    served = set()
+    for rule in flask_app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = _re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            served.add((path, method.lower()))
+    documented = {(path, method) for path, item in document["paths"].items() for method in item
+                  if method != "parameters"}
+    assert served == documented
+
+
 # ---- Hostile input over HTTP (a real API under gunicorn) ---------------------------------------
 
 @pytest.fixture(scope="module")

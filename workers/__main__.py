@@ -1,4 +1,5 @@
 """`python -m workers`: one Celery worker for this machine's GPU queue (see README, settings).
+`python -m workers webhooks`: the webhook worker (workers/webhooks.py), on WEBHOOK_QUEUE.
 
 The same as `celery -A workers.celery_app worker -Q <GPU_QUEUE> --pool threads
 --concurrency <WORKER_CONCURRENCY> -E`: threads, so the worker answers control commands and
@@ -13,6 +14,10 @@ from workers.celery_app import app
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] == ["webhooks"]:
+        from workers.webhooks import main as webhooks_main
+
+        return webhooks_main(argv[1:])
     settings = get_settings()
     queue = settings.queue_name
     app.worker_main([

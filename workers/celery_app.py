@@ -14,7 +14,7 @@ from common.settings import get_settings
 from common.jobs import RUN_WORKFLOW  # noqa: F401 - the task name lives with enqueueing
 
 
-def make_celery(settings=None) -> Celery:
+def make_celery(settings=None, include: tuple[str, ...] = ("workers.tasks",)) -> Celery:
     settings = settings or get_settings()
     app = Celery("comfy_service", broker=settings.redis_url, backend=settings.redis_url)
     app.conf.update(
@@ -44,7 +44,7 @@ def make_celery(settings=None) -> Celery:
         # Jobs are always routed to a GPU queue by the dispatcher; nothing uses the default queue.
         task_default_queue="comfy.unrouted",
         task_create_missing_queues=True,
-        include=["workers.tasks"],
+        include=list(include),
     )
     return app
 

@@ -16,6 +16,8 @@ from common.registry import Registry
 from common.settings import Settings, get_settings
 from common.storage import make_storage
 from common.task_store import CANCEL_CHANNEL, TaskStore, now_iso
+from common.webhooks import Notifier
+from workers.celery_app import app as celery_app
 from workers.comfy_client import ComfyClient, ComfyError
 from workers.gpu_probe import GpuProbe, host_stats
 from workers.monitor import Monitor
@@ -29,7 +31,9 @@ class WorkerRuntime:
         self.settings = settings
         self.instance = uuid.uuid4().hex  # this process; a restarted worker is another instance
         self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-        self.store = TaskStore(self.redis, settings.result_ttl)
+        # Webhooks are queued for the webhook worker (common/webhooks.py), never sent from here.
+        self.notifier = Notifier(celery_app, settings.webhook_queue)
+        self.store = TaskStore(self.redis, settings.result_ttl, settings.events_ttl, notify=self.notifier.on_status)
         self.registry = Registry(self.redis, settings.heartbeat_ttl)
         self.storage = make_storage(settings)
         self.client = ComfyClient(settings.comfyui_url, timeout=settings.comfyui_timeout,

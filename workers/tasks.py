@@ -16,10 +16,12 @@ from celery import signals
 from celery.exceptions import Ignore
 from loguru import logger
 
+from common import events
 from common.jobs import requeue
 from common.logs import setup_logging
 from common.settings import get_settings
 from common.storage import make_key
+from common.task_view import image_url
 from common.task_store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, now_iso
 from workers.celery_app import RUN_WORKFLOW, app
 from workers.comfy_client import (
@@ -30,6 +32,35 @@ from workers.progress import ProgressTracker
 from workers.runtime import get_runtime
 
 log = logging.getLogger("comfy.worker")
+
+
+class JobEvents:
+    """One job's progress and output events: into its event log (SSE), and to its webhook when
+    the caller asked for that kind (no more often than WEBHOOK_PROGRESS_INTERVAL for progress)."""
+
+    def __init__(self, runtime, task_id: str, callback: dict | None):
+        self.runtime, self.task_id, self.callback = runtime, task_id, callback
+        self.last_hook = float("-inf")
+
+    def progress(self, progress: dict) -> None:
+        event_id = events.append(self.runtime.redis, self.task_id, events.PROGRESS, progress)
+        now = time.monotonic()
+        if self.callback and now - self.last_hook >= self.runtime.settings.webhook_progress_interval:
+            self.last_hook = now
+            self._hook(events.PROGRESS, {"task_id": self.task_id, **progress}, event_id)
+
+    def output(self, index: int, item: dict) -> None:
+        data = {"index": index, "url": image_url(self.task_id, index, self.runtime.settings.public_url),
+                "content_type": item["content_type"], "width": item.get("width"), "height": item.get("height"),
+                "size": item["size"]}
+        event_id = events.append(self.runtime.redis, self.task_id, events.OUTPUT, data)
+        self._hook(events.OUTPUT, {"task_id": self.task_id, **data}, event_id)
+
+    def _hook(self, kind: str, data: dict, event_id: str) -> None:
+        try:
+            self.runtime.notifier.on_event(self.task_id, self.callback, kind, data, event_id)
+        except Exception:  # noqa: BLE001 - a webhook never fails a job
+            log.exception("task %s: %s webhook not queued", self.task_id, kind)
 
 
 class JobFailed(Exception):
@@ -144,6 +175,7 @@ def _run_prompt(task, runtime, record: dict, payload: dict, prompt_id: str) -> d
     store.update(task_id, prompt_id=prompt_id)
     extra = {"extra_pnginfo": {"workflow": payload["ui"]}} if payload.get("ui") else None
     tracker = ProgressTracker(graph, payload.get("progress_repeats"))
+    notes = JobEvents(runtime, task_id, record.get("callback"))
     last_sent, gpu_started, sampled, outcome = 0.0, None, False, None
     try:
         job_logs.submitting(task_id, prompt_id)  # before the POST: ComfyUI logs "got prompt" before answering
@@ -171,6 +203,7 @@ def _run_prompt(task, runtime, record: dict, payload: dict, prompt_id: str) -> d
             if progress is not None and time.monotonic() - last_sent >= settings.progress_interval:
                 last_sent = time.monotonic()
                 task.update_state(state="PROGRESS", meta={"task_id": task_id, "progress": progress.as_dict()})
+                notes.progress(progress.as_dict())
     except ComfyWaitTimeout:
         runtime.cancel_local(task_id)  # do not leave it running on the GPU
         return _finish_failed(store, task_id, _error(
@@ -221,6 +254,7 @@ def _retry_elsewhere(runtime, record: dict, exc: ComfyError) -> dict:
 
 def _finish_succeeded(runtime, record: dict, prompt_id: str, tracker: ProgressTracker) -> dict:
     task_id = record["task_id"]
+    notes = JobEvents(runtime, task_id, record.get("callback"))
     images, files = [], []
     try:
         outputs = runtime.client.outputs(prompt_id)
@@ -241,6 +275,10 @@ def _finish_succeeded(runtime, record: dict, prompt_id: str, tracker: ProgressTr
         if out.content_type.startswith("image/"):
             item["width"], item["height"] = _image_size(out.data)
             images.append(item)
+            # Stored: servable now, so the output event's URL works before the job's final event.
+            runtime.store.transition(task_id, allowed=(RUNNING,), owner=runtime.instance,
+                                     result={"images": images, "files": files})
+            notes.output(len(images) - 1, item)
         else:
             files.append(item)
     applied, before = runtime.store.transition(

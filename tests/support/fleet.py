@@ -63,6 +63,7 @@ class Fleet:
     api: Proc | None = None
     api_port: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
+    extra_procs: list[Proc] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -92,6 +93,13 @@ class Fleet:
         self.workers.append(worker)
         return worker
 
+    def add_webhook_worker(self, **env: str) -> Proc:
+        """The webhook worker (`python -m workers webhooks`), on this fleet's Redis."""
+        worker = Proc("webhooks", [sys.executable, "-m", "workers", "webhooks"], {**self.env(), **env},
+                      self.workdir / "webhooks.log").start()
+        self.extra_procs.append(worker)
+        return worker
+
     def wait_workers(self, count: int | None = None, timeout: float = 30.0) -> None:
         count = len(self.workers) if count is None else count
         client = redis.Redis.from_url(self.redis.url)
@@ -114,7 +122,8 @@ class Fleet:
     def start_api(self, processes: int = 1) -> Proc:
         self.api_port = self.api_port or free_port()
         self.api = Proc("api", [sys.executable, "-m", "gunicorn", "app.wsgi:app", "-b", f"127.0.0.1:{self.api_port}",
-                                "-k", "gthread", "--threads", "8", "-w", str(processes), "--graceful-timeout", "2", "--no-control-socket"],
+                                "-k", "gevent", "--worker-connections", "200", "-w", str(processes),
+                                "--graceful-timeout", "2", "--no-control-socket"],
                         self.env(), self.workdir / "api.log").start()
 
         def up():
@@ -127,13 +136,14 @@ class Fleet:
     def stop(self) -> None:
         if self.api:
             self.api.stop()
-        for worker in self.workers:
+        for worker in [*self.workers, *self.extra_procs]:
             worker.stop(signal.SIGKILL)
         for sim in self.sims:
             sim.kill()
         self.redis.stop()
 
     def logs(self) -> str:
-        parts = [f"==== {p.name}\n{p.output()[-4000:]}" for p in [*self.workers, *( [self.api] if self.api else [])]]
+        procs = [*self.workers, *self.extra_procs, *([self.api] if self.api else [])]
+        parts = [f"==== {p.name}\n{p.output()[-4000:]}" for p in procs]
         parts += [f"==== sim {s.port}\n{s.output()[-2000:]}" for s in self.sims]
         return "\n".join(parts)

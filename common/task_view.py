@@ -43,4 +43,17 @@ def task_document(record: dict, live_progress: dict | None, queue_position: int 
         "cancel_requested": bool(record.get("cancel_requested", False)),
         "result": result,
         "error": record.get("error"),
+        "callback": callback_view(record),
     }
+
+
+def callback_view(record: dict) -> dict | None:
+    """The job's webhook and how its final delivery went (null without callback_url)."""
+    callback = record.get("callback")
+    if not callback:
+        return None
+    delivery = record.get("webhook") or {}
+    return {"url": callback["url"], "events": callback.get("events", []),
+            "state": delivery.get("state", "pending"), "attempts": delivery.get("attempts", 0),
+            "last_status": delivery.get("last_status"), "last_error": delivery.get("last_error"),
+            "delivered_at": delivery.get("delivered_at")}

@@ -1,0 +1,124 @@
+"""GET /api/v1/tasks/{id}/events: a job's life as Server-Sent Events.
+
+The stream replays the job's event log (common/events.py) from the start, or from after
+Last-Event-ID, then follows it live: queued (with the queue position, re-sent without an id
+whenever it changes), started, progress, output, and one final succeeded / failed / cancelled
+event carrying the whole task document, after which the stream ends. A client that already
+saw the final event and reconnects gets 204, which tells an EventSource to stop.
+
+Each open stream waits in Redis (XREAD BLOCK), and the API runs gunicorn's gevent workers, so
+a stream costs a greenlet and, while it waits, one Redis connection, not a worker thread.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from flask import Blueprint, Response, current_app, request, stream_with_context
+
+from app.errors import ServiceError
+from app.security import load_task
+from common import events
+from common.task_store import QUEUED, TERMINAL, task_key
+from common.task_view import task_document
+
+blueprint = Blueprint("events", __name__)
+
+RETRY_MS = 2000  # how long an EventSource waits before reconnecting
+BLOCK_MS = 1000  # one wait in Redis; between waits the stream checks status and queue position
+
+
+def frame(kind: str, data: dict, event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _last_event_id() -> str | None:
+    value = request.headers.get("Last-Event-ID")
+    if value is None:
+        value = request.args.get("last_event_id")
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    if not events.valid_id(value):
+        raise ServiceError(400, "invalid_last_event_id",
+                           "Last-Event-ID must be an id this stream sent (<milliseconds>-<sequence>)",
+                           {"last_event_id": value[:64]})
+    return value
+
+
+def _event_data(svc, task_id: str, event: events.Event) -> dict:
+    if event.type == events.QUEUED:
+        queue = event.data.get("queue")
+        return {"task_id": task_id, "status": "queued", "queue_position": svc.store.queue_position(queue, task_id),
+                "gpu": None}
+    if event.type == events.STARTED:
+        return {"task_id": task_id, "status": "running", "gpu": event.data.get("queue")}
+    return {"task_id": task_id, **event.data}
+
+
+def _final(svc, task_id: str) -> dict | None:
+    record = svc.store.get(task_id)
+    return None if record is None else task_document(record, None, None, svc.settings.public_url)
+
+
+def _stream(svc, task_id: str, after: str):
+    settings = svc.settings
+    yield f"retry: {RETRY_MS}\n\n"
+    deadline = time.monotonic() + settings.sse_max_seconds
+    last_write = time.monotonic()
+    position: int | None = None
+    while time.monotonic() < deadline:
+        batch = events.read(svc.redis, task_id, after, block_ms=BLOCK_MS)
+        for event in batch:
+            after = event.id
+            if event.type in events.FINAL:
+                document = _final(svc, task_id)
+                if document is not None:
+                    yield frame(event.type, document, event.id)
+                return
+            data = _event_data(svc, task_id, event)
+            if event.type == events.QUEUED:
+                position = data["queue_position"]
+            yield frame(event.type, data, event.id)
+            last_write = time.monotonic()
+        if batch:
+            continue
+        # Nothing new for a second: is the job still there, still waiting, and where?
+        pipe = svc.redis.pipeline(transaction=False)
+        pipe.hmget(task_key(task_id), "status", "queue", "final_event")
+        pipe.exists(events.events_key(task_id))
+        (status, queue, final_event), log_exists = pipe.execute()
+        if status is None:
+            return  # the record expired: a reconnect gets the 404 that says so
+        status, queue = json.loads(status), json.loads(queue)
+        if status in TERMINAL and not log_exists:
+            # The log expired (EVENTS_TTL) before this client caught up: the record has the end.
+            final_id = json.loads(final_event) if final_event else None
+            document = _final(svc, task_id)
+            if document is not None and (final_id is None or events.id_after(final_id, after)):
+                yield frame(status, document, final_id)
+            return
+        if status == QUEUED:
+            now = svc.store.queue_position(queue, task_id)
+            if now != position:
+                position = now
+                yield frame(events.QUEUED, {"task_id": task_id, "status": "queued", "queue_position": now,
+                                            "gpu": None})
+                last_write = time.monotonic()
+        if time.monotonic() - last_write >= settings.sse_keepalive:
+            yield ": keep-alive\n\n"  # also how a dropped client is noticed
+            last_write = time.monotonic()
+
+
+@blueprint.get("/tasks/<task_id>/events")
+def task_events(task_id: str):
+    svc = current_app.extensions["comfy"]
+    task_id, record = load_task(task_id)
+    last = _last_event_id()
+    if last and record["status"] in TERMINAL:
+        final_id = record.get("final_event")
+        if final_id and not events.id_after(final_id, last):
+            return Response(status=204)  # it saw the end: an EventSource stops reconnecting
+    return Response(stream_with_context(_stream(svc, task_id, last or "0-0")), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
