@@ -82,6 +82,33 @@ SCHEMAS = {
             "delivered_at": {"type": ["string", "null"], "format": "date-time"},
         },
     },
+    "Worker": {
+        "type": "object", "required": ["queue"],
+        "description": "A live GPU worker's last heartbeat (every HEARTBEAT_INTERVAL s) plus its queue's backlog.",
+        "properties": {
+            "queue": {"type": "string", "description": "Its Celery queue, gpu.<host>.<index>: what `gpu` pins."},
+            "host": {"type": "string"}, "gpu_index": {"type": "integer"}, "instance": {"type": "string"},
+            "pid": {"type": "integer"}, "comfyui_url": {"type": "string"}, "comfyui_ok": {"type": "boolean"},
+            "comfyui_queue": {"type": ["integer", "null"], "description": "Prompts in its ComfyUI's queue."},
+            "running": {"type": "array", "items": {"type": "string"}, "description": "Task ids it runs now."},
+            "concurrency": {"type": "integer"},
+            "draining": {"type": "boolean", "description": "Finishing what it has, taking nothing new."},
+            "gpu": {"type": "object", "description": "available, source (nvml, gputil, comfyui, none), name, "
+                                                     "utilization, memory_used_mb, memory_total_mb, temperature_c."},
+            "host_stats": {"type": "object", "description": "cpu_percent, ram_used_mb, ram_total_mb, load_avg_1m."},
+            "checkpoint": NULLABLE_STR, "rates": {"type": "object", "description": "Measured seconds per cost unit "
+                                                                                  "by workflow."},
+            "started_at": {"type": "string"},
+            "waiting": {"type": "integer", "minimum": 0, "description": "Jobs queued for it, not started."},
+            "load": {"type": "number", "minimum": 0, "description": "Cost units waiting or running on it."},
+        },
+    },
+    "WorkflowInfo": {
+        "type": "object", "required": ["name", "title", "description", "default", "parameters"],
+        "properties": {"name": {"type": "string"}, "title": {"type": "string"}, "description": {"type": "string"},
+                       "default": {"type": "boolean", "description": "Used when the body names no workflow."},
+                       "parameters": {"type": "object", "description": "JSON Schema of its request body."}},
+    },
     "QueuedEvent": {
         "type": "object", "description": "SSE `queued`: logged (with an id) when the job is queued or moved to "
                                          "another GPU; sent again without an id whenever its position changes.",
@@ -242,11 +269,13 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
             "/api/v1/workflows": {"get": {
                 "summary": "Workflows and their parameters as JSON Schema", "operationId": "listWorkflows",
                 "responses": {"200": {"description": "The workflows.", "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"workflows": {"type": "array", "items": {"type": "object"}}}}}}}}}},
+                    "type": "object", "required": ["workflows"], "properties": {"workflows": {
+                        "type": "array", "items": {"$ref": "#/components/schemas/WorkflowInfo"}}}}}}}}}},
             "/api/v1/workers": {"get": {
                 "summary": "The live GPU workers (heartbeats)", "operationId": "listWorkers",
                 "responses": {"200": {"description": "The fleet.", "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"workers": {"type": "array", "items": {"type": "object"}}}}}}},
+                    "type": "object", "required": ["workers"], "properties": {"workers": {
+                        "type": "array", "items": {"$ref": "#/components/schemas/Worker"}}}}}}},
                               "503": _error_response("Redis is down.")}}},
             "/healthz": {"get": {"summary": "The process answers", "operationId": "healthz",
                                  "responses": {"200": {"description": "Alive."}}}},

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ OPTIONAL_EVENTS = ("started", "progress", "output")
 MAX_URL_LENGTH = 2048
 # Receiver answers that a later attempt may fix; any other 4xx is the receiver's final word.
 RETRY_4XX = frozenset({408, 409, 425, 429})
+_HOST = re.compile(r"[a-z0-9.\-]{1,253}|[0-9a-f:.]{2,45}")  # a name, an IPv4 or an IPv6 (unbracketed)
 
 
 class CallbackRejected(ValueError):
@@ -81,8 +83,13 @@ def check_callback(url: object, allowlist: tuple[str, ...], secret_set: bool) ->
         raise CallbackRejected("invalid_callback_url", "callback_url must be an http:// or https:// URL with a host")
     if parts.username is not None or parts.password is not None:
         raise CallbackRejected("invalid_callback_url", "callback_url must not carry credentials")
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
-        raise CallbackRejected("invalid_callback_url", "callback_url must not contain spaces or control characters")
+    if any(ord(c) < 0x21 or ord(c) >= 0x7F or c == "\\" for c in url):
+        # Also no backslash and nothing beyond ASCII (IDNs in punycode): URL parsers disagree on
+        # those, and the host we check must be the host requests connects to.
+        raise CallbackRejected("invalid_callback_url",
+                               "callback_url must be plain ASCII without spaces, control characters or backslashes")
+    if not _HOST.fullmatch(parts.hostname):
+        raise CallbackRejected("invalid_callback_url", "callback_url's host must be a DNS name or an IP address")
     if not host_allowed(parts.hostname, port, allowlist):
         raise CallbackRejected("callback_not_allowed",
                                f"callback host {parts.hostname[:253]}:{port} is not in this service's allowed hosts")

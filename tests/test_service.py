@@ -240,3 +240,15 @@ def test_workflows_are_listed_with_their_json_schema(quiet_fleet):
     assert "prompt" in by_name["sdxl"]["parameters"]["required"]
     spec = requests.get(fleet.url + "/openapi.json", timeout=5).json()
     assert spec["openapi"].startswith("3.") and "/api/v1/tasks/{task_id}" in spec["paths"]
+
+
+def test_workers_and_workflows_match_their_openapi_schemas(quiet_fleet):
+    import jsonschema
+
+    schemas = requests.get(quiet_fleet.url + "/openapi.json", timeout=5).json()["components"]["schemas"]
+    workers = requests.get(quiet_fleet.url + "/api/v1/workers", timeout=5).json()["workers"]
+    assert workers
+    for worker in workers:  # a real worker's heartbeat, as the API serves it
+        jsonschema.validate(worker, schemas["Worker"])
+    for workflow in requests.get(quiet_fleet.url + "/api/v1/workflows", timeout=5).json()["workflows"]:
+        jsonschema.validate(workflow, schemas["WorkflowInfo"])

@@ -36,6 +36,9 @@ def test_allowed_callbacks(url):
     ("gopher://hooks.example.com/x", "invalid_callback_url"),
     ("https://user:pw@hooks.example.com/x", "invalid_callback_url"),
     ("https://hooks.example.com/a b", "invalid_callback_url"),
+    ("https://evil.net\\.callers.example.org/x", "invalid_callback_url"),  # parsers disagree on backslashes
+    ("https://evil.net%2f.callers.example.org/x", "invalid_callback_url"),
+    ("https://h\u00f6oks.callers.example.org/x", "invalid_callback_url"),
     ("https://hooks.example.com:99999/x", "invalid_callback_url"),
     ("https://hooks.example.com/" + "x" * 3000, "invalid_callback_url"),
     ("", "invalid_callback_url"),
@@ -44,6 +47,20 @@ def test_refused_callbacks(url, code):
     with pytest.raises(CallbackRejected) as refused:
         webhooks.check_callback(url, ALLOW, secret_set=True)
     assert refused.value.code == code
+
+
+@pytest.mark.parametrize("url", [
+    "https://hooks.example.com#@evil.net/x", "https://hooks.example.com?@evil.net", "https://hooks.example.com/@evil.net",
+    "https://a.callers.example.org:443/x;@evil.net", "http://10.0.0.5:9000/?next=http://evil.net",
+])
+def test_an_allowed_url_is_sent_to_the_host_that_was_checked(url):
+    """requests (urllib3) must connect to the very host the allowlist passed."""
+    from urllib.parse import urlsplit
+
+    from urllib3.util import parse_url
+
+    assert webhooks.check_callback(url, ALLOW, secret_set=True) == url
+    assert parse_url(url).host.lower() == urlsplit(url).hostname
 
 
 def test_no_secret_or_no_allowlist_disables_callbacks():
