@@ -242,7 +242,9 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                     "204": {"description": "The job ended and Last-Event-ID is its final event: nothing more will "
                                            "come (an EventSource stops reconnecting)."},
                     "400": _error_response("Last-Event-ID is not an id this stream sends (invalid_last_event_id)."),
-                    "404": not_found}}},
+                    "404": not_found,
+                    "503": _error_response("Redis is down (broker_unavailable), or this API process has "
+                                           "SSE_MAX_STREAMS streams open (too_many_streams).")}}},
             "/api/v1/tasks/{task_id}/images/{index}": {"get": {
                 "summary": "One output image", "operationId": "getImage",
                 "parameters": [task_id, {"name": "index", "in": "path", "required": True,

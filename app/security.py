@@ -145,7 +145,7 @@ def install(app: Flask, settings: Settings, client: redis.Redis) -> Limiter | No
     if overall or generate:
         limiter = Limiter(
             _rate_key, app=app, storage_uri=settings.redis_url,
-            storage_options={"socket_timeout": 5, "socket_connect_timeout": 2},
+            storage_options={"connection_pool": client.connection_pool},  # the API's pool (app/services.py)
             strategy="fixed-window", key_prefix="cs:ratelimit", headers_enabled=False,
             # One budget over every /api/v1 route, and a tighter one on submissions.
             application_limits=[overall] if overall else [],

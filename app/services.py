@@ -25,16 +25,25 @@ class Services:
     storage: Storage
     celery: Celery
     catalog: dict[str, Workflow]
+    events_redis: redis.Redis | None = None  # event streams' own pool (None: share `redis`)
 
     @classmethod
     def build(cls, settings: Settings) -> "Services":
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2,
-                                      health_check_interval=30)
+        # Blocking pools: under gevent hundreds of requests run at once, and redis-py's default
+        # pool raises "Too many connections" past 100; these make a request wait for a free one.
+        client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, timeout=5, socket_timeout=5,
+            socket_connect_timeout=2, health_check_interval=30))
+        # Event streams wait in XREAD BLOCK, each holding a connection: a pool of their own, one
+        # connection per stream the process admits, so they never starve ordinary requests.
+        events_client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.sse_max_streams, timeout=5, socket_timeout=10,
+            socket_connect_timeout=2, health_check_interval=30))
         celery = make_celery(settings)
         notifier = Notifier(celery, settings.webhook_queue)
         store = TaskStore(client, settings.result_ttl, settings.events_ttl, notify=notifier.on_status)
         return cls(settings=settings, redis=client, store=store, registry=Registry(client, settings.heartbeat_ttl),
-                   storage=make_storage(settings), celery=celery, catalog=load_catalog())
+                   storage=make_storage(settings), celery=celery, catalog=load_catalog(), events_redis=events_client)
 
     def read_task(self, task_id: str) -> tuple[dict | None, dict | None]:
         """The record and the live progress the worker last wrote: one round trip."""

@@ -12,9 +12,12 @@ a stream costs a greenlet and, while it waits, one Redis connection, not a worke
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 
-from flask import Blueprint, Response, current_app, request, stream_with_context
+import redis
+from flask import Blueprint, Response, current_app, request
 
 from app.errors import ServiceError
 from app.security import load_task
@@ -23,6 +26,7 @@ from common.task_store import QUEUED, TERMINAL, task_key
 from common.task_view import task_document
 
 blueprint = Blueprint("events", __name__)
+log = logging.getLogger("comfy.api")
 
 RETRY_MS = 2000  # how long an EventSource waits before reconnecting
 BLOCK_MS = 1000  # one wait in Redis; between waits the stream checks status and queue position
@@ -62,14 +66,66 @@ def _final(svc, task_id: str) -> dict | None:
     return None if record is None else task_document(record, None, None, svc.settings.public_url)
 
 
+class _Streams:
+    """Streams open in this process, against SSE_MAX_STREAMS (the size of their Redis pool)."""
+
+    def __init__(self):
+        self.open = 0
+        self.lock = threading.Lock()
+
+    def admit(self, limit: int) -> bool:
+        with self.lock:
+            if self.open >= limit:
+                return False
+            self.open += 1
+            return True
+
+    def release(self) -> None:
+        with self.lock:
+            self.open -= 1
+
+
+STREAMS = _Streams()
+
+
 def _stream(svc, task_id: str, after: str):
+    try:
+        yield from _follow(svc, task_id, after)
+    except redis.RedisError as exc:
+        # Too late for an error document: end the stream; the client's reconnect gets the 503.
+        log.warning("event stream of task %s ended: Redis unavailable (%s)", task_id, exc)
+
+
+class _Body:
+    """The response body: gives the stream's slot back exactly once when the server closes it,
+    whether the stream ran to its end, the client went away, or it never started (HEAD)."""
+
+    def __init__(self, stream):
+        self.stream, self.released = stream, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self.stream)
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            if not self.released:
+                self.released = True
+                STREAMS.release()
+
+
+def _follow(svc, task_id: str, after: str):
     settings = svc.settings
     yield f"retry: {RETRY_MS}\n\n"
     deadline = time.monotonic() + settings.sse_max_seconds
     last_write = time.monotonic()
     position: int | None = None
     while time.monotonic() < deadline:
-        batch = events.read(svc.redis, task_id, after, block_ms=BLOCK_MS)
+        batch = events.read(svc.events_redis or svc.redis, task_id, after, block_ms=BLOCK_MS)
         for event in batch:
             after = event.id
             if event.type in events.FINAL:
@@ -120,5 +176,11 @@ def task_events(task_id: str):
         final_id = record.get("final_event")
         if final_id and not events.id_after(final_id, last):
             return Response(status=204)  # it saw the end: an EventSource stops reconnecting
-    return Response(stream_with_context(_stream(svc, task_id, last or "0-0")), mimetype="text/event-stream",
+    if not STREAMS.admit(svc.settings.sse_max_streams):
+        raise ServiceError(503, "too_many_streams", "this API process has SSE_MAX_STREAMS event streams open; "
+                           "retry, or poll GET /api/v1/tasks/{id}", {"limit": svc.settings.sse_max_streams},
+                           headers={"Retry-After": "5"})
+    # The stream needs no request context (it is handed `svc`): the server iterates it after
+    # this view returns and closes it when the stream ends or the client goes away.
+    return Response(_Body(_stream(svc, task_id, last or "0-0")), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

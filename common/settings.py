@@ -19,6 +19,9 @@ class Settings(BaseSettings):
     api_port: int = Field(8080, validation_alias="API_PORT")
     public_url: str = Field("", validation_alias="PUBLIC_URL", description="Prefix for absolute image URLs.")
     max_body_bytes: int = Field(1_048_576, validation_alias="MAX_BODY_BYTES")
+    # Redis connections one API process opens for requests (a request waits for a free one);
+    # event streams have their own, one per open stream (SSE_MAX_STREAMS).
+    redis_max_connections: int = Field(200, ge=4, validation_alias="REDIS_MAX_CONNECTIONS")
 
     # Security (docs/security.md). Keys: API_KEYS="name:key,..." and/or hashed keys in Redis
     # (`python -m app.keys add NAME`, preferred). No keys at all: open, so bind to loopback.
@@ -63,6 +66,8 @@ class Settings(BaseSettings):
     events_ttl: int = Field(3600, gt=0, validation_alias="EVENTS_TTL",
                             description="Seconds a finished job's event log is kept (then: its record).")
     sse_keepalive: float = Field(15.0, gt=0, validation_alias="SSE_KEEPALIVE")
+    sse_max_streams: int = Field(1000, ge=1, validation_alias="SSE_MAX_STREAMS",
+                                 description="Open event streams per API process; more get 503.")
     sse_max_seconds: float = Field(3600.0, gt=0, validation_alias="SSE_MAX_SECONDS",
                                    description="A stream closes after this; the client resumes.")
 

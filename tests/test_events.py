@@ -144,18 +144,43 @@ def test_stream_errors_are_json(fleet):
 
 
 def test_many_open_streams_do_not_hold_the_api(fleet):
-    """Streams wait in greenlets, not threads: with 60 open, the API still answers at once."""
+    """Streams wait in greenlets with Redis connections of their own: with 150 open (more than
+    redis-py's default pool of 100), the API still answers at once and every stream follows."""
     task = submit(fleet.url, story(steps=100))
-    streams = [stream(fleet.url, task["task_id"]) for _ in range(60)]
+    streams = [stream(fleet.url, task["task_id"]) for _ in range(150)]
     try:
         assert all(s.status_code == 200 for s in streams)
         started = time.monotonic()
-        assert requests.get(f"{fleet.url}/api/v1/tasks/{task['task_id']}", timeout=5).status_code == 200
-        assert time.monotonic() - started < 2
+        for _ in range(20):
+            assert requests.get(f"{fleet.url}/api/v1/tasks/{task['task_id']}", timeout=5).status_code == 200
+        assert time.monotonic() - started < 4
+        requests.delete(f"{fleet.url}/api/v1/tasks/{task['task_id']}", timeout=10)
+        ends = [read_events(s)[-1][1] for s in streams[:10]]  # each stream got to the end
+        assert ends == ["cancelled"] * 10
     finally:
         for s in streams:
             s.close()
-        requests.delete(f"{fleet.url}/api/v1/tasks/{task['task_id']}", timeout=10)
+
+
+def test_streams_beyond_sse_max_streams_get_503_and_slots_come_back(fleet_factory):
+    fleet = fleet_factory(SSE_MAX_STREAMS="3")
+    fleet.start_gpus(1, "--step-seconds", "0.05")
+    task = submit(fleet.url, story(steps=100))
+    url = f"{fleet.url}/api/v1/tasks/{task['task_id']}/events"
+    for _ in range(5):  # HEAD and closed streams give their slot back
+        requests.head(url, timeout=5)
+    held = [stream(fleet.url, task["task_id"]) for _ in range(3)]
+    assert [s.status_code for s in held] == [200] * 3
+    refused = requests.get(url, timeout=5)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_streams"
+    assert refused.headers["Retry-After"]
+    held.pop().close()
+    # The server notices the closed stream at its next write (a keep-alive at the latest).
+    wait_until(lambda: stream(fleet.url, task["task_id"]).status_code == 200 or None, 40,
+               what="a slot to come back")
+    for s in held:
+        s.close()
+    requests.delete(f"{fleet.url}/api/v1/tasks/{task['task_id']}", timeout=10)
 
 
 def test_stream_of_a_job_whose_log_expired_still_ends_with_its_document(fleet):
@@ -337,3 +362,18 @@ def test_a_finished_job_keeps_its_event_log_and_graphs_only_events_ttl(fleet):
     record_ttl = client.ttl(f"cs:task:{task['task_id']}")
     for key in (f"cs:events:{task['task_id']}", f"cs:payload:{task['task_id']}"):
         assert 0 < client.ttl(key) <= 3600 < record_ttl, key  # EVENTS_TTL (default); the record stays
+
+
+def test_a_stream_ends_cleanly_when_redis_goes_away_and_the_reconnect_says_why(fleet_factory):
+    fleet = fleet_factory()
+    fleet.start_gpus(1, "--step-seconds", "0.1")
+    task = submit(fleet.url, story(steps=60))
+    response = stream(fleet.url, task["task_id"])
+    events = sseclient.SSEClient(response).events()
+    assert next(events).event == "queued"
+    fleet.redis.stop()
+    started = time.monotonic()
+    rest = list(events)  # the server ends the stream instead of hanging or sending garbage
+    assert time.monotonic() - started < 15 and all(e.event != "succeeded" for e in rest)
+    again = requests.get(f"{fleet.url}/api/v1/tasks/{task['task_id']}/events", timeout=10)
+    assert again.status_code == 503 and again.json()["error"]["code"] == "broker_unavailable"
