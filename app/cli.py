@@ -39,7 +39,8 @@ OK, JOB_FAILED, USAGE, JOB_CANCELLED, REJECTED, UNAVAILABLE, INTERRUPTED = 0, 1,
 # The --help epilog is the docstring's table: one text to keep right (empty under python -OO).
 EXIT_CODES = "Exit codes, for scripts:" + (__doc__ or "").partition("Exit codes, for scripts:")[2].rstrip()
 OUTCOME_CODES = {"succeeded": OK, "failed": JOB_FAILED, "cancelled": JOB_CANCELLED}
-PROG = "python -m app.cli"
+# How the user started us, for the hints we print (`make install` also installs `comfy-service`).
+PROG = "comfy-service" if os.path.basename(sys.argv[0]) == "comfy-service" else "python -m app.cli"
 
 
 class UsageError(Exception):

@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     webhook_backoff_max: float = Field(600.0, gt=0, validation_alias="WEBHOOK_BACKOFF_MAX")
     webhook_progress_interval: float = Field(2.0, ge=0, validation_alias="WEBHOOK_PROGRESS_INTERVAL")
     webhook_concurrency: int = Field(8, ge=1, le=256, validation_alias="WEBHOOK_CONCURRENCY")
+    webhook_resend_after: float = Field(300.0, gt=0, validation_alias="WEBHOOK_RESEND_AFTER",
+                                        description="A final webhook not settled this long is queued again.")
 
     # Output files.
     storage_backend: str = Field("local", validation_alias="STORAGE_BACKEND")

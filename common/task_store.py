@@ -95,6 +95,10 @@ if status ~= '' then
     -- Nothing runs the graphs again (failover is over): keep them as briefly as the events.
     local payload = 'cs:payload:' .. id
     if redis.call('TTL', payload) > tonumber(ARGV[7]) then redis.call('EXPIRE', payload, tonumber(ARGV[7])) end
+    -- A final webhook is owed from now until the webhook worker settles it: if the message
+    -- queueing it is lost (a process dies right after this script), the monitor sends it again.
+    local callback = redis.call('HGET', key, 'callback')
+    if callback and callback ~= 'null' then redis.call('ZADD', 'cs:webhooks:pending', ARGV[5], id) end
   else
     local ttl = redis.call('PTTL', key)
     if ttl > 0 then redis.call('PEXPIRE', events, ttl) end

@@ -24,6 +24,8 @@ from standardwebhooks import Webhook
 log = logging.getLogger("comfy.webhooks")
 
 DELIVER = "comfy.deliver_webhook"
+# Finished jobs whose final webhook is not settled yet (score: ms since which it is owed).
+PENDING = "cs:webhooks:pending"
 FINAL = ("succeeded", "failed", "cancelled")
 # What a caller may ask for besides the final document, which is always sent.
 OPTIONAL_EVENTS = ("started", "progress", "output")

@@ -161,3 +161,18 @@ def test_api_key_from_option_or_environment(fleet_factory):
                               timeout=60, env={**os.environ, "COMFY_SERVICE_API_KEY": key})
     assert from_env.returncode == 0 and json.loads(from_env.stdout) == []
     keyed.api.stop(signal.SIGKILL)  # nothing to shut down gracefully: spare the teardown's wait
+
+
+def test_the_installed_comfy_service_command_works_from_any_directory(fleet, tmp_path):
+    """`make install` puts `comfy-service` in the venv (pyproject.toml); no PYTHONPATH needed."""
+    from pathlib import Path
+
+    command = Path(sys.executable).parent / "comfy-service"
+    assert command.exists(), "make install did not install the comfy-service command"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(command), "--url", fleet.url, "workers", "--json"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [w["queue"] for w in json.loads(done.stdout)]
+    usage = subprocess.run([str(command), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: comfy-service")

@@ -202,17 +202,20 @@ class Receiver:
     def __init__(self):
         self.requests: list[dict] = []
         self.script: dict[str, list[int]] = {}  # path → status codes to answer, then 200
+        self.delay: dict[str, float] = {}  # path → seconds to wait before answering
         self.lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                arrived = time.monotonic()
+                time.sleep(receiver.delay.get(self.path, 0))
                 with receiver.lock:
                     codes = receiver.script.get(self.path, [])
                     status = codes.pop(0) if codes else 200
                     receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
-                                              "at": time.monotonic(), "answered": status})
+                                              "at": arrived, "answered": status})
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -377,3 +380,42 @@ def test_a_stream_ends_cleanly_when_redis_goes_away_and_the_reconnect_says_why(f
     assert time.monotonic() - started < 15 and all(e.event != "succeeded" for e in rest)
     again = requests.get(f"{fleet.url}/api/v1/tasks/{task['task_id']}/events", timeout=10)
     assert again.status_code == 503 and again.json()["error"]["code"] == "broker_unavailable"
+
+
+def test_a_slow_receiver_delays_no_job(fleet):
+    receiver = fleet.receiver
+    path = "/hooks/slow"
+    receiver.delay[path] = 4.0
+    first = submit(fleet.url, story(steps=2, callback_url=receiver.url(path)))
+    second = submit(fleet.url, story(steps=2, callback_url=receiver.url(path)))
+    started = time.monotonic()
+    assert wait_status(fleet.url, first["task_id"])["status"] == "succeeded"
+    assert wait_status(fleet.url, second["task_id"])["status"] == "succeeded"
+    assert time.monotonic() - started < 4.0  # both done while the receiver still sits on the first
+    assert not receiver.received(path)  # nothing answered yet: the GPU never waited for it
+    wait_until(lambda: len(receiver.received(path)) == 2, 20, what="both deliveries")
+
+
+def test_a_lost_webhook_message_is_sent_again(fleet_factory):
+    """The message queueing a final webhook disappears (its sender died right after the job's
+    transition, or Redis lost it): the monitor notices it owed and queues it again."""
+    receiver = Receiver()
+    try:
+        fleet = fleet_factory(WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOWED_HOSTS=f"127.0.0.1:{receiver.port}",
+                              WEBHOOK_RESEND_AFTER="3")
+        fleet.start_gpus(1, "--step-seconds", "0.02")  # no webhook worker yet: deliveries wait in Redis
+        client = redis.Redis.from_url(fleet.redis.url)
+        task = submit(fleet.url, story(steps=2, callback_url=receiver.url("/lost")))
+        wait_status(fleet.url, task["task_id"])
+        wait_until(lambda: client.llen("cs.webhooks") == 1, 5, what="the queued delivery")
+        client.delete("cs.webhooks")  # lost
+        fleet.add_webhook_worker()
+        wait_until(lambda: receiver.received("/lost"), 30, what="the delivery sent again")
+        delivery = receiver.received("/lost")[0]
+        assert Webhook(SECRET).verify(delivery["body"], delivery["headers"])["data"]["task_id"] == task["task_id"]
+        assert delivery["headers"]["webhook-id"] == f"msg_{task['task_id']}_succeeded"
+        wait_until(lambda: client.zcard("cs:webhooks:pending") == 0, 10, what="the debt settled")
+        time.sleep(4)  # settled: not sent a third time
+        assert len(receiver.received("/lost")) == 1
+    finally:
+        receiver.close()

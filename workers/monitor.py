@@ -8,18 +8,23 @@ round. Two cases, both decided by pure functions below and acted on by `Monitor`
   starts, then failed with the attempt log (a job that kills its worker every time stops);
 - jobs waiting on a queue whose worker is dead or draining: moved to healthy queues, and the
   stale Celery messages left in the dead queue are removed.
+
+And one for webhooks: a finished job's final webhook still unsettled after WEBHOOK_RESEND_AFTER
+(its Celery message was lost) is queued again.
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import datetime, timezone
 
 from celery import Celery
 
 from common.jobs import requeue
 from common.registry import Registry
-from common.task_store import FAILED, QUEUED, RUNNING, TaskStore, now_iso
+from common import webhooks
+from common.task_store import FAILED, QUEUED, RUNNING, TERMINAL, TaskStore, now_iso
 
 log = logging.getLogger("comfy.monitor")
 LOCK = "cs:monitor:lock"
@@ -46,10 +51,11 @@ def needs_moving(beat: dict | None) -> bool:
 
 class Monitor:
     def __init__(self, store: TaskStore, registry: Registry, celery: Celery, instance: str,
-                 max_attempts: int, interval: float, comfy_cancel=None):
+                 max_attempts: int, interval: float, comfy_cancel=None, notifier=None, webhook_resend_after=300.0):
         self.store, self.registry, self.celery = store, registry, celery
         self.instance, self.max_attempts, self.interval = instance, max_attempts, interval
         self.comfy_cancel = comfy_cancel  # (comfyui_url, prompt_id) → None; best effort
+        self.notifier, self.webhook_resend_after = notifier, webhook_resend_after
 
     def run_once(self) -> None:
         redis = self.store.redis
@@ -64,6 +70,26 @@ class Monitor:
                     self._restart_orphan(record, queue)
             if needs_moving(beat):
                 self._move_waiting(queue)
+        if self.notifier is not None:
+            self._resend_owed_webhooks()
+
+    def _resend_owed_webhooks(self) -> None:
+        """Final webhooks owed for WEBHOOK_RESEND_AFTER with no attempt settled: the message that
+        queued them was lost (its sender died after the transition). Queued again, same id."""
+        redis = self.store.redis
+        now_ms = int(time.time() * 1000)
+        cutoff = now_ms - int(self.webhook_resend_after * 1000)
+        owed = [m.decode() for m in redis.zrangebyscore(webhooks.PENDING, "-inf", cutoff, start=0, num=100)]
+        for task_id, record in zip(owed, self.store.get_many(owed)):
+            settled = (record or {}).get("webhook", {}) or {}
+            if record is None or record.get("status") not in TERMINAL or not record.get("callback") \
+                    or settled.get("state") in ("delivered", "failed"):
+                redis.zrem(webhooks.PENDING, task_id)
+                continue
+            self.notifier.send(task_id, record["status"])
+            redis.zadd(webhooks.PENDING, {task_id: now_ms})
+            log.warning("task %s: its %s webhook was not settled after %.0f s; queued again", task_id,
+                        record["status"], self.webhook_resend_after)
 
     def _restart_orphan(self, record: dict, queue: str) -> None:
         task_id = record["task_id"]

@@ -140,7 +140,8 @@ class WorkerRuntime:
         if self._threads:
             return
         self.monitor = Monitor(self.store, self.registry, celery_app, self.instance, self.settings.max_attempts,
-                               self.settings.heartbeat_interval, comfy_cancel=_cancel_elsewhere)
+                               self.settings.heartbeat_interval, comfy_cancel=_cancel_elsewhere,
+                               notifier=self.notifier, webhook_resend_after=self.settings.webhook_resend_after)
         for target, name in ((self._heartbeat_loop, "heartbeat"), (self._cancel_loop, "cancel-listener")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from functools import cache
 
 import redis
@@ -53,8 +54,15 @@ def _session() -> requests.Session:
 
 
 def _record_state(store: TaskStore, task_id: str, **state) -> None:
+    """The final delivery's state, in the record; settled (delivered, failed) leaves the owed
+    set, retrying pushes its resend time past the retry."""
+    retry_in = state.pop("retry_in", None)
     if store.redis.exists(f"cs:task:{task_id}"):  # never recreate an expired record
         store.update(task_id, webhook=state)
+    if retry_in is not None:
+        store.redis.zadd(webhooks.PENDING, {task_id: int((time.time() + retry_in) * 1000)})
+        return
+    store.redis.zrem(webhooks.PENDING, task_id)
 
 
 @app.task(bind=True, name=webhooks.DELIVER, acks_late=True, ignore_result=True)
@@ -63,7 +71,11 @@ def deliver(self, task_id: str, kind: str, msg_id: str, data: dict | None = None
     record = store.get(task_id)
     if record is None or not record.get("callback"):
         log.info("webhook %s dropped: task %s has no record or callback", msg_id, task_id)
+        store.redis.zrem(webhooks.PENDING, task_id)
         return "dropped"
+    if kind in webhooks.FINAL and (record.get("webhook") or {}).get("state") in ("delivered", "failed"):
+        log.info("webhook %s already settled; this copy is not sent", msg_id)  # a resend crossed it
+        return "duplicate"
     final = kind in webhooks.FINAL
     url = record["callback"]["url"]
     attempt = self.request.retries + 1
@@ -103,7 +115,7 @@ def deliver(self, task_id: str, kind: str, msg_id: str, data: dict | None = None
         metrics.webhook_attempt(store.redis, kind, "retrying")
         if final:
             _record_state(store, task_id, state="retrying", attempts=attempt, last_status=status, last_error=error,
-                          delivered_at=None)
+                          delivered_at=None, retry_in=delay)
         raise self.retry(countdown=delay, max_retries=None)
     log.error("webhook %s (%s) to %s given up after %d attempt(s): %s", msg_id, kind, url, attempt, error)
     metrics.webhook_attempt(store.redis, kind, "failed")
