@@ -148,9 +148,11 @@ def _follow(svc, task_id: str, after: str):
         if status is None:
             return  # the record expired: a reconnect gets the 404 that says so
         status, queue = json.loads(status), json.loads(queue)
+        final_id = json.loads(final_event) if final_event else None
+        if status in TERMINAL and final_id and not events.id_after(final_id, after):
+            return  # the client resumed from past the end (a made-up Last-Event-ID): nothing will come
         if status in TERMINAL and not log_exists:
             # The log expired (EVENTS_TTL) before this client caught up: the record has the end.
-            final_id = json.loads(final_event) if final_event else None
             document = _final(svc, task_id)
             if document is not None and (final_id is None or events.id_after(final_id, after)):
                 yield frame(status, document, final_id)

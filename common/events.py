@@ -32,7 +32,8 @@ def events_key(task_id: str) -> str:
 
 
 def valid_id(value: str) -> bool:
-    return bool(_ID.match(value))
+    """A stream id Redis accepts: <ms>-<seq>, each below 2^64."""
+    return bool(_ID.match(value)) and all(int(part) < 2 ** 64 for part in value.split("-"))
 
 
 def id_after(a: str, b: str) -> bool:

@@ -419,3 +419,14 @@ def test_a_lost_webhook_message_is_sent_again(fleet_factory):
         assert len(receiver.received("/lost")) == 1
     finally:
         receiver.close()
+
+
+def test_made_up_last_event_ids_neither_hang_nor_break_the_stream(fleet):
+    task = submit(fleet.url, story(steps=10))
+    too_big = stream(fleet.url, task["task_id"], last_event_id="99999999999999999999-0")  # beyond Redis' ids
+    assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "invalid_last_event_id"
+    future = stream(fleet.url, task["task_id"], last_event_id=f"{(int(time.time()) + 3600) * 1000}-0")
+    assert future.status_code == 200  # the job still runs: nothing after that id yet
+    started = time.monotonic()
+    assert read_events(future) == []  # and once it ends, the stream closes instead of waiting forever
+    assert time.monotonic() - started < 30
