@@ -192,7 +192,7 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
         variants.append({"$ref": REF.format(model=model_name)})
     task_id = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
     not_found = _error_response("No task with this id.")
-    return secure_document({
+    document = secure_document({
         "openapi": "3.1.0",
         "info": {"title": "comfy-service", "version": "1.0.0",
                  "description": "Text-to-image jobs on a fleet of ComfyUI GPUs. Every error has the Error shape."},
@@ -307,3 +307,7 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                           "default": {"description": "Retried or given up, as described."}}}}},
         "components": {"schemas": schemas},
     })
+    # The raw-graph variant (added by secure_document) takes the same service fields.
+    raw = document["components"]["schemas"]["Generate_raw"]
+    document["components"]["schemas"]["Generate_raw"] = {**raw, "properties": {**raw["properties"], **CALLBACK_FIELDS}}
+    return document

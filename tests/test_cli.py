@@ -23,12 +23,9 @@ STORY = ["--character", "Lena=a young woman with red hair", "--scene", "[Lena] w
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     """One GPU, shared: each test follows its own jobs only."""
-    from tests.support.fleet import Fleet
-    from tests.support.procs import RedisServer
+    from tests.support.fleet import one_gpu_fleet
 
-    workdir = tmp_path_factory.mktemp("cli-fleet")
-    fleet = Fleet(workdir=workdir, redis=RedisServer(port=free_port(), workdir=workdir).start())
-    fleet.start_gpus(1, *SIM_ARGS)
+    fleet = one_gpu_fleet(tmp_path_factory, "cli-fleet", *SIM_ARGS)
     yield fleet
     fleet.stop()
 

@@ -21,12 +21,9 @@ SIM_ARGS = ("--step-seconds", "0.02", "--load-seconds", "0.2")
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     """One GPU, shared: each test follows its own jobs only."""
-    from tests.support.fleet import Fleet
-    from tests.support.procs import RedisServer
+    from tests.support.fleet import one_gpu_fleet
 
-    workdir = tmp_path_factory.mktemp("client-fleet")
-    fleet = Fleet(workdir=workdir, redis=RedisServer(port=free_port(), workdir=workdir).start())
-    fleet.start_gpus(1, *SIM_ARGS)
+    fleet = one_gpu_fleet(tmp_path_factory, "client-fleet", *SIM_ARGS)
     yield fleet
     fleet.stop()
 

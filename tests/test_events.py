@@ -48,19 +48,14 @@ def read_events(response: requests.Response, stop_after: int | None = None, out:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     """One GPU whose jobs take about a second, with a webhook worker and a fast retry schedule."""
-    from tests.support.fleet import Fleet
-    from tests.support.procs import RedisServer, free_port
+    from tests.support.fleet import one_gpu_fleet
 
-    workdir = tmp_path_factory.mktemp("events-fleet")
     receiver = Receiver()
-    fleet = Fleet(workdir=workdir, redis=RedisServer(port=free_port(), workdir=workdir).start(), extra_env={
-        "WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": f"127.0.0.1:{receiver.port}",
-        "WEBHOOK_BACKOFF": "0.3", "WEBHOOK_BACKOFF_MAX": "2", "WEBHOOK_MAX_ATTEMPTS": "4",
-        "WEBHOOK_PROGRESS_INTERVAL": "0", "SSE_KEEPALIVE": "0.5"})
-    fleet.add_worker(fleet.add_sim("--step-seconds", "0.04"))
+    fleet = one_gpu_fleet(tmp_path_factory, "events-fleet", "--step-seconds", "0.04",
+                          WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOWED_HOSTS=f"127.0.0.1:{receiver.port}",
+                          WEBHOOK_BACKOFF="0.3", WEBHOOK_BACKOFF_MAX="2", WEBHOOK_MAX_ATTEMPTS="4",
+                          WEBHOOK_PROGRESS_INTERVAL="0", SSE_KEEPALIVE="0.5")
     fleet.add_webhook_worker()
-    fleet.wait_workers()
-    fleet.start_api()
     fleet.receiver = receiver
     yield fleet
     fleet.stop()

@@ -26,14 +26,9 @@ def fleet(fleet_factory):
 @pytest.fixture(scope="module")
 def quiet_fleet(tmp_path_factory):
     """One fleet shared by the tests that only read or get refused: nothing they do changes it."""
-    from tests.support.fleet import Fleet
-    from tests.support.procs import RedisServer, free_port
+    from tests.support.fleet import one_gpu_fleet
 
-    workdir = tmp_path_factory.mktemp("quiet-fleet")
-    fleet = Fleet(workdir=workdir, redis=RedisServer(port=free_port(), workdir=workdir).start())
-    fleet.add_worker(fleet.add_sim("--step-seconds", "0.02"))
-    fleet.wait_workers()
-    fleet.start_api()
+    fleet = one_gpu_fleet(tmp_path_factory, "quiet-fleet", "--step-seconds", "0.02")
     yield fleet
     fleet.stop()
 

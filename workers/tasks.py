@@ -220,7 +220,7 @@ def _run_prompt(task, runtime, record: dict, payload: dict, prompt_id: str) -> d
         if gpu_started is not None and sampled:  # a run served from ComfyUI's cache measures nothing
             runtime.job_measured(record["workflow"], time.monotonic() - gpu_started, float(record.get("cost", 0)),
                                  record.get("checkpoint"))
-        return _finish_succeeded(runtime, record, prompt_id, tracker)
+        return _finish_succeeded(runtime, record, prompt_id, tracker, notes)
     if isinstance(outcome, Failed):
         return _finish_failed(store, task_id, _error(
             "comfyui", "execution_error",
@@ -252,9 +252,8 @@ def _retry_elsewhere(runtime, record: dict, exc: ComfyError) -> dict:
     raise Ignore()
 
 
-def _finish_succeeded(runtime, record: dict, prompt_id: str, tracker: ProgressTracker) -> dict:
+def _finish_succeeded(runtime, record: dict, prompt_id: str, tracker: ProgressTracker, notes: JobEvents) -> dict:
     task_id = record["task_id"]
-    notes = JobEvents(runtime, task_id, record.get("callback"))
     images, files = [], []
     try:
         outputs = runtime.client.outputs(prompt_id)

@@ -147,3 +147,11 @@ class Fleet:
         parts = [f"==== {p.name}\n{p.output()[-4000:]}" for p in procs]
         parts += [f"==== sim {s.port}\n{s.output()[-2000:]}" for s in self.sims]
         return "\n".join(parts)
+
+
+def one_gpu_fleet(tmp_path_factory, name: str, *sim_args: str, **env: str) -> Fleet:
+    """One simulator with its worker and the API, for a test module to share (`fleet.stop()` it)."""
+    workdir = tmp_path_factory.mktemp(name)
+    fleet = Fleet(workdir=workdir, redis=RedisServer(port=free_port(), workdir=workdir).start(), extra_env=env)
+    fleet.start_gpus(1, *sim_args)
+    return fleet
