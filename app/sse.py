@@ -22,7 +22,8 @@ from flask import Blueprint, Response, current_app, request
 from app.errors import ServiceError
 from app.security import load_task
 from common import events
-from common.task_store import QUEUED, TERMINAL, task_key
+from common import keys
+from common.task_store import QUEUED, TERMINAL
 from common.task_view import task_document
 
 blueprint = Blueprint("events", __name__)
@@ -55,7 +56,7 @@ def _event_data(svc, task_id: str, event: events.Event) -> dict:
     if event.type == events.QUEUED:
         queue = event.data.get("queue")
         return {"task_id": task_id, "status": "queued", "queue_position": svc.store.queue_position(queue, task_id),
-                "gpu": None}
+                "gpu": event.data.get("gpu")}
     if event.type == events.STARTED:
         return {"task_id": task_id, "status": "running", "gpu": event.data.get("queue")}
     return {"task_id": task_id, **event.data}
@@ -63,7 +64,7 @@ def _event_data(svc, task_id: str, event: events.Event) -> dict:
 
 def _final(svc, task_id: str) -> dict | None:
     record = svc.store.get(task_id)
-    return None if record is None else task_document(record, None, None, svc.settings.public_url)
+    return None if record is None else task_document(record, None, svc.settings.public_url)
 
 
 class _Streams:
@@ -142,9 +143,9 @@ def _follow(svc, task_id: str, after: str):
             continue
         # Nothing new for a second: is the job still there, still waiting, and where?
         pipe = svc.redis.pipeline(transaction=False)
-        pipe.hmget(task_key(task_id), "status", "queue", "final_event")
-        pipe.exists(events.events_key(task_id))
-        (status, queue, final_event), log_exists = pipe.execute()
+        pipe.hmget(keys.task(task_id), "status", "queue", "final_event", "gpu")
+        pipe.exists(keys.events(task_id))
+        (status, queue, final_event, gpu), log_exists = pipe.execute()
         if status is None:
             return  # the record expired: a reconnect gets the 404 that says so
         status, queue = json.loads(status), json.loads(queue)
@@ -162,7 +163,7 @@ def _follow(svc, task_id: str, after: str):
             if now != position:
                 position = now
                 yield frame(events.QUEUED, {"task_id": task_id, "status": "queued", "queue_position": now,
-                                            "gpu": None})
+                                            "gpu": json.loads(gpu) if gpu else None})
                 last_write = time.monotonic()
         if time.monotonic() - last_write >= settings.sse_keepalive:
             yield ": keep-alive\n\n"  # also how a dropped client is noticed

@@ -21,11 +21,13 @@ from urllib.parse import urlsplit
 
 from standardwebhooks import Webhook
 
+from common import keys
+
 log = logging.getLogger("comfy.webhooks")
 
 DELIVER = "comfy.deliver_webhook"
 # Finished jobs whose final webhook is not settled yet (score: ms since which it is owed).
-PENDING = "cs:webhooks:pending"
+PENDING = keys.WEBHOOKS_PENDING
 FINAL = ("succeeded", "failed", "cancelled")
 # What a caller may ask for besides the final document, which is always sent.
 OPTIONAL_EVENTS = ("started", "progress", "output")

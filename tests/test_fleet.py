@@ -70,7 +70,7 @@ def test_dispatch_prefers_the_idle_and_the_faster_gpu(fleet_factory):
         assert worker["host_stats"]["ram_total_mb"] > 0 and worker["comfyui_ok"] is True
 
 
-def test_pinned_job_runs_on_its_gpu_and_a_missing_pin_is_refused(fleet_factory):
+def test_pinned_job_runs_on_its_gpu_an_unknown_pin_is_422_and_a_down_one_503(fleet_factory):
     fleet = fleet_factory()
     for index in range(2):
         fleet.add_worker(fleet.add_sim("--step-seconds", "0.02"))
@@ -78,8 +78,19 @@ def test_pinned_job_runs_on_its_gpu_and_a_missing_pin_is_refused(fleet_factory):
     fleet.start_api()
     pinned = [submit(fleet.url, job(gpu="gpu.test.1")) for _ in range(3)]
     assert {d["gpu"] for d in all_done(fleet, pinned)} == {"gpu.test.1"}
-    refused = requests.post(fleet.url + "/api/v1/generate", json=job(gpu="gpu.nowhere.9"), timeout=5)
-    assert refused.status_code == 503 and refused.json()["error"]["code"] == "gpu_unavailable"
+    # A GPU or host the fleet never had is the caller's mistake, and the answer lists what exists.
+    for pin in ({"gpu": "gpu.nowhere.9"}, {"host": "nowhere"}):
+        refused = requests.post(fleet.url + "/api/v1/generate", json=job(**pin), timeout=5)
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "unknown_gpu" and error["source"] == "service"
+        assert error["details"]["available"]["gpus"] == ["gpu.test.0", "gpu.test.1"]
+    # A known GPU that is down now is the service's condition: 503, retry later.
+    fleet.workers[0].stop()  # warm shutdown: it leaves the fleet at once
+    wait_until(lambda: len(requests.get(fleet.url + "/api/v1/workers", timeout=5).json()["workers"]) == 1, 20,
+               what="worker 0 gone")
+    down = requests.post(fleet.url + "/api/v1/generate", json=job(gpu="gpu.test.0"), timeout=5)
+    assert down.status_code == 503 and down.json()["error"]["code"] == "gpu_unavailable", down.text
 
 
 def test_worker_killed_mid_job_the_job_runs_again_elsewhere(fleet_factory):

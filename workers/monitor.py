@@ -21,13 +21,14 @@ from datetime import datetime, timezone
 
 from celery import Celery
 
+from common import keys, metrics
 from common.jobs import requeue
+from common.lifecycle import State, state_of
 from common.registry import Registry
-from common import webhooks
-from common.task_store import FAILED, QUEUED, RUNNING, TERMINAL, TaskStore, now_iso
+from common.task_store import FAILED, TERMINAL, TaskStore, now_iso
 
 log = logging.getLogger("comfy.monitor")
-LOCK = "cs:monitor:lock"
+LOCK = keys.MONITOR_LOCK
 
 
 def _age_seconds(iso: str | None, now: datetime) -> float:
@@ -37,9 +38,12 @@ def _age_seconds(iso: str | None, now: datetime) -> float:
 
 
 def is_orphan(record: dict, beat: dict | None, grace: float, now: datetime) -> bool:
-    """A running job whose worker process is gone: no live heartbeat for its queue, or a live
-    one from another process (the worker restarted). `grace` covers a just-started job."""
-    if record.get("status") != RUNNING or _age_seconds(record.get("started_at"), now) < grace:
+    """A job a worker took (handed to ComfyUI or running) whose worker process is gone: no live
+    heartbeat for its queue, or a live one from another process (the worker restarted).
+    `grace` covers a job just taken."""
+    if state_of(record) not in (State.HANDED, State.RUNNING):
+        return False
+    if _age_seconds(record.get("started_at") or record.get("handed_at"), now) < grace:
         return False
     return beat is None or beat.get("instance") != record.get("worker")
 
@@ -65,7 +69,7 @@ class Monitor:
         now = datetime.now(timezone.utc)
         for queue in self.registry.known_queues():
             beat = alive.get(queue)
-            for record in filter(None, self.store.get_many(self.store.running(queue))):
+            for record in filter(None, self.store.get_many(self.store.taken(queue))):
                 if is_orphan(record, beat, grace=2 * self.interval, now=now):
                     self._restart_orphan(record, queue)
             if needs_moving(beat):
@@ -79,15 +83,15 @@ class Monitor:
         redis = self.store.redis
         now_ms = int(time.time() * 1000)
         cutoff = now_ms - int(self.webhook_resend_after * 1000)
-        owed = [m.decode() for m in redis.zrangebyscore(webhooks.PENDING, "-inf", cutoff, start=0, num=100)]
+        owed = [m.decode() for m in redis.zrangebyscore(keys.WEBHOOKS_PENDING, "-inf", cutoff, start=0, num=100)]
         for task_id, record in zip(owed, self.store.get_many(owed)):
             settled = (record or {}).get("webhook", {}) or {}
             if record is None or record.get("status") not in TERMINAL or not record.get("callback") \
                     or settled.get("state") in ("delivered", "failed"):
-                redis.zrem(webhooks.PENDING, task_id)
+                redis.zrem(keys.WEBHOOKS_PENDING, task_id)
                 continue
             self.notifier.send(task_id, record["status"])
-            redis.zadd(webhooks.PENDING, {task_id: now_ms})
+            redis.zadd(keys.WEBHOOKS_PENDING, {task_id: now_ms})
             log.warning("task %s: its %s webhook was not settled after %.0f s; queued again", task_id,
                         record["status"], self.webhook_resend_after)
 
@@ -102,21 +106,22 @@ class Monitor:
             error = {"source": "service", "code": "worker_lost",
                      "message": f"the job's worker died during each of its {attempts} attempts; not retried again",
                      "details": {"attempts": attempt_log}}
-            applied, _ = self.store.transition(task_id, allowed=(RUNNING,), status=FAILED, on_queue=queue,
-                                               owner=record.get("worker"),
-                                               finished_at=now_iso(), error=error, attempt_log=attempt_log)
-            if applied:
+            done = self.store.apply("fail", task_id, queue=queue, owner=record.get("owner", "anonymous"),
+                                    instance=record.get("worker"), event={"queue": queue},
+                                    fields={"finished_at": now_iso(), "error": error, "attempt_log": attempt_log},
+                                    metric_ops=metrics.finished_ops(record, FAILED, error))
+            if done:
                 log.warning("task %s failed: its worker died %d times", task_id, attempts)
             return
         log.warning("task %s: worker on %s is gone; starting it again", task_id, queue)
-        requeue(self.store, self.registry, self.celery, record, from_status=RUNNING, reason=entry, avoid=queue,
-                owner=record.get("worker"))
+        requeue(self.store, self.registry, self.celery, record, reason=entry, avoid=queue,
+                instance=record.get("worker"))
 
     def _move_waiting(self, queue: str) -> None:
         moved = 0
         for record in filter(None, self.store.get_many(self.store.waiting(queue))):
-            if record.get("status") == QUEUED and record.get("queue") == queue:
-                if requeue(self.store, self.registry, self.celery, record, from_status=QUEUED, must_move=True,
+            if state_of(record) == State.WAITING and record.get("queue") == queue:
+                if requeue(self.store, self.registry, self.celery, record, must_move=True,
                            reason={"code": "gpu_unavailable", "gpu": queue,
                                    "message": "its GPU stopped taking jobs"}, avoid=queue):
                     moved += 1
@@ -135,5 +140,5 @@ class Monitor:
                 continue
         records = self.store.get_many(task_id for _, task_id in messages)  # one round trip for all
         for (raw, _), record in zip(messages, records):
-            if record is None or record.get("status") != QUEUED or record.get("queue") != queue:
+            if record is None or state_of(record) != State.WAITING or record.get("queue") != queue:
                 redis.lrem(queue, 1, raw)

@@ -11,6 +11,7 @@ import uuid
 from functools import cache
 
 import redis
+from celery.worker import state as celery_state
 
 from common.registry import Registry
 from common.settings import Settings, get_settings
@@ -47,7 +48,9 @@ class WorkerRuntime:
         self.rates: dict[str, dict] = {}  # workflow → measured seconds per cost unit
         self.comfy_queue: int | None = None
         self._active: dict[str, str | None] = {}  # task id → ComfyUI prompt id (None until submitted)
-        self._cancelled: set[str] = set()
+        self._cancelled: set[str] = set()  # cancels sent to ComfyUI for jobs still active here
+        self._cancel_pending: set[str] = set()  # cancels asked before the prompt reached ComfyUI
+        self._revokes_seen: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -61,11 +64,19 @@ class WorkerRuntime:
     def job_submitted(self, task_id: str, prompt_id: str) -> None:
         with self._lock:
             self._active[task_id] = prompt_id
+            pending = task_id in self._cancel_pending
+        if pending:
+            self.cancel_local(task_id)
 
     def job_ended(self, task_id: str) -> None:
         with self._lock:
             self._active.pop(task_id, None)
             self._cancelled.discard(task_id)
+            self._cancel_pending.discard(task_id)
+
+    def cancel_was_sent(self, task_id: str) -> bool:
+        with self._lock:
+            return task_id in self._cancelled
 
     def active(self) -> dict[str, str | None]:
         with self._lock:
@@ -94,8 +105,13 @@ class WorkerRuntime:
     def cancel_local(self, task_id: str) -> bool:
         """Tell ComfyUI to drop this job's prompt, if this process runs it and has submitted it."""
         with self._lock:
-            prompt_id = self._active.get(task_id)
-            if prompt_id is None or task_id in self._cancelled:
+            if task_id not in self._active:
+                return False
+            prompt_id = self._active[task_id]
+            if prompt_id is None:  # not in ComfyUI yet: cancelled as soon as it is submitted
+                self._cancel_pending.add(task_id)
+                return False
+            if task_id in self._cancelled:
                 return False
             self._cancelled.add(task_id)
         try:
@@ -154,7 +170,7 @@ class WorkerRuntime:
         self._stop.set()
         try:
             self.registry.withdraw(self.queue)
-            if not self.store.running(self.queue) and not self.store.waiting(self.queue):
+            if not self.store.taken(self.queue) and not self.store.waiting(self.queue):
                 self.registry.forget(self.queue)
         except redis.RedisError:
             pass
@@ -173,12 +189,30 @@ class WorkerRuntime:
     def _sweep_cancels(self) -> None:
         # Pub/sub messages are fire-and-forget; a cancel published while this process was
         # reconnecting is caught here from the task records.
-        running = [t for t, p in self.active().items() if p is not None]
+        running = list(self.active())
         if not running:
             return
         for task_id, record in zip(running, self.store.get_many(running)):
             if record and record.get("cancel_requested"):
                 self.cancel_local(task_id)
+
+    def _watch_revokes(self) -> None:
+        """A Celery revoke (CLI, Flower's Revoke or Terminate) is a cancel request like DELETE.
+        Celery keeps revoked ids in memory only; with the thread pool a revoke does nothing to
+        a running job (celery#5350), so each new id is cancelled here through the task store:
+        a job still in Celery ends cancelled at once, one a worker has is deleted from
+        ComfyUI's queue or interrupted by that worker. Every worker gets the broadcast; the
+        transitions let exactly one of them act."""
+        new = [t for t in list(celery_state.revoked) if t not in self._revokes_seen]
+        for task_id in new:
+            self._revokes_seen.add(task_id)
+            record = self.store.get(task_id)
+            if record is None or record.get("status") in ("succeeded", "failed", "cancelled"):
+                continue
+            result = self.store.cancel(task_id, record)
+            log.info("task %s revoked through Celery: %s", task_id, result.outcome)
+            if task_id in self.active():
+                threading.Thread(target=self.cancel_local, args=(task_id,), daemon=True).start()
 
     def _cancel_loop(self) -> None:
         while not self._stop.is_set():
@@ -186,11 +220,12 @@ class WorkerRuntime:
             try:
                 pubsub.subscribe(CANCEL_CHANNEL)
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=1.0)
+                    message = pubsub.get_message(timeout=0.25)
                     if message and message["type"] == "message":
                         task_id = message["data"].decode()
                         if task_id in self.active():
                             threading.Thread(target=self.cancel_local, args=(task_id,), daemon=True).start()
+                    self._watch_revokes()
             except redis.RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); reconnecting", exc)
                 time.sleep(1.0)
