@@ -20,7 +20,8 @@ import redis
 import requests
 
 from common.registry import Registry
-from common.task_store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TaskStore
+from common import lifecycle
+from common.task_store import TaskStore
 from tests.support.api import story
 from tests.support.procs import REPO, RedisServer, free_port, wait_until
 
@@ -183,11 +184,11 @@ def test_a_key_sees_and_cancels_only_its_own_tasks(make_app, tmp_path):
         assert other.status_code == 404, (method, path)
         assert other.json["error"]["code"] == unknown.json["error"]["code"] == "task_not_found"
         assert set(other.json["error"]["details"]) == {"task_id"}  # nothing tells it exists
-    assert json.loads(app.redis.hget(f"cs:task:{task_id}", "status")) == QUEUED  # bob's DELETE did nothing
+    assert json.loads(app.redis.hget(f"cs:task:{task_id}", "status")) == "queued"  # bob's DELETE did nothing
     assert client.get(f"/api/v1/tasks/{task_id}", headers=ALICE).status_code == 200
     assert client.get(f"/api/v1/tasks/{task_id}/logs", headers=ALICE).status_code == 200
     cancelled = client.delete(f"/api/v1/tasks/{task_id}", headers=ALICE)
-    assert cancelled.status_code == 200 and cancelled.json["status"] == CANCELLED
+    assert cancelled.status_code == 200 and cancelled.json["status"] == "cancelled"
 
 
 # ---- Rate limits and job caps -------------------------------------------------------------------
@@ -250,40 +251,48 @@ def test_concurrent_submits_cannot_overshoot_the_cap(make_app):
 
 
 def test_active_sets_follow_every_status_path(redis_server):
-    """Every transition the service makes (API cancel, worker start/success/failure/cancel,
-    failover requeue, the monitor giving up) keeps cs:active and cs:active:<owner> right."""
+    """Every path through the lifecycle (API cancel, a worker's hand-over, start, success,
+    failure and cancel, failover's requeue, the monitor giving up) keeps cs:active and
+    cs:active:<owner> right, and leaves the queue's indexes and cost total empty at the end."""
     client = redis.Redis.from_url(redis_server.url)
     store = TaskStore(client, 3600)
 
     def create(owner="alice", **caps):
         task_id = str(uuid.uuid4())
-        record = {"task_id": task_id, "status": QUEUED, "workflow": "sdxl", "queue": QUEUE, "owner": owner,
-                  "params": {}, "created_at": "2026-01-01T00:00:00Z", "cost": 1.0}
-        outcome, info = store.create(record, {"graph": {}}, **caps)
-        return task_id if outcome == "created" else (outcome, info)
+        record = {"task_id": task_id, "workflow": "sdxl", "queue": QUEUE, "owner": owner,
+                  "params": {}, "created_at": "2026-01-01T00:00:00Z", "cost": 1.5}
+        created = store.create(record, {"graph": {}}, **caps)
+        return task_id if created.outcome == "created" else (created.outcome, created.info)
 
     def active(owner="alice"):
         return {m.decode() for m in client.smembers(f"cs:active:{owner}")}
+    run = ["hand", "start"]
     paths = {
-        "cancel while queued": [(QUEUED, CANCELLED)],
-        "success": [(QUEUED, RUNNING), (RUNNING, SUCCEEDED)],
-        "failure": [(QUEUED, RUNNING), (RUNNING, FAILED)],
-        "cancel while running": [(QUEUED, RUNNING), (RUNNING, CANCELLED)],
-        "failover requeue, then success": [(QUEUED, RUNNING), (RUNNING, QUEUED), (QUEUED, RUNNING),
-                                           (RUNNING, SUCCEEDED)],
-        "failover gives up": [(QUEUED, RUNNING), (RUNNING, QUEUED), (QUEUED, RUNNING), (RUNNING, FAILED)],
+        "cancel while waiting": ["cancel_waiting"],
+        "success": [*run, "succeed"],
+        "failure": [*run, "fail"],
+        "cancel while queued in ComfyUI": ["hand", "request_cancel", "cancel_run"],
+        "cancel while running": [*run, "request_cancel", "cancel_run"],
+        "failover requeue, then success": [*run, "requeue", *run, "succeed"],
+        "failover gives up": [*run, "requeue", *run, "fail"],
     }
     for name, steps in paths.items():
         task_id = create()
         assert task_id in active() and client.sismember("cs:active", task_id), name
-        for before, after in steps:
-            applied, _ = store.transition(task_id, allowed=(before,), status=after)
-            assert applied, (name, before, after)
-            assert (task_id in active()) == (after in (QUEUED, RUNNING)), (name, after)
-            assert client.sismember("cs:active", task_id) == (after in (QUEUED, RUNNING))
-        # A terminal record never changes again, so it cannot re-enter the sets.
-        assert not store.transition(task_id, allowed=(), status=QUEUED)[0]
+        for step in steps:
+            done = store.apply(step, task_id, queue=QUEUE, owner="alice", instance="w1",
+                               fields={"worker": "w1"} if step == "hand" else {})
+            assert done.applied, (name, step, done.before)
+            final = lifecycle.transition(step).target in lifecycle.FINAL_STATES
+            assert (task_id in active()) == (not final), (name, step)
+            assert client.sismember("cs:active", task_id) == (not final)
+        # A finished record never changes again, so it cannot re-enter the sets.
+        for step in lifecycle.TRANSITIONS:
+            if step != "submit":
+                assert not store.apply(step, task_id, queue=QUEUE, owner="alice", instance="w1").applied, step
     assert active() == set() and client.scard("cs:active") == 0
+    assert store.waiting(QUEUE) == store.taken(QUEUE) == []
+    assert int(client.get(f"cs:loadsum:{QUEUE}")) == 0
     # Caps: per owner and overall; a member whose record vanished is pruned, not counted forever.
     first, second = create(max_active_per_owner=2), create(max_active_per_owner=2)
     assert create(max_active_per_owner=2) == ("full", {"scope": "key", "active": 2, "limit": 2})
@@ -724,17 +733,18 @@ def test_hostile_task_ids_and_image_indices(api_fleet):
     client = redis.Redis.from_url(fleet.redis.url)
     store = TaskStore(client, 3600)
     task_id = str(uuid.uuid4())
-    store.create({"task_id": task_id, "status": QUEUED, "workflow": "sdxl", "queue": QUEUE, "owner": "alice",
+    store.create({"task_id": task_id, "workflow": "sdxl", "queue": QUEUE, "owner": "alice",
                   "params": {}, "created_at": "2026-01-01T00:00:00.000Z", "cost": 1.0}, {"graph": {}})
-    store.transition(task_id, allowed=(QUEUED,), status=RUNNING)
+    for step in ("hand", "start"):
+        store.apply(step, task_id, queue=QUEUE, owner="alice", instance="w1", fields={"worker": "w1"})
     png = b"\x89PNG\r\n\x1a\n" + b"0" * 64
     outputs = fleet.workdir / "outputs"
     (outputs / task_id).mkdir(parents=True)
     (outputs / task_id / "1_0.png").write_bytes(png)
     (fleet.workdir / "secret.txt").write_text("TOP-SECRET")
     (outputs / "secret.txt").write_text("TOP-SECRET")
-    store.transition(task_id, allowed=(RUNNING,), status=SUCCEEDED, result={"images": [
-        {"key": f"{task_id}/1_0.png", "content_type": "image/png", "size": len(png), "width": 1, "height": 1}]})
+    store.apply("succeed", task_id, queue=QUEUE, owner="alice", instance="w1", fields={"result": {"images": [
+        {"key": f"{task_id}/1_0.png", "content_type": "image/png", "size": len(png), "width": 1, "height": 1}]}})
     base = f"/api/v1/tasks/{task_id}"
     status, kind, body = _get(fleet, base + "/images/0", ALICE)
     assert (status, kind, body) == (200, "image/png", png)
