@@ -32,7 +32,7 @@ class Services:
         # pool raises "Too many connections" past 100; these make a request wait for a free one.
         client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
             settings.redis_url, max_connections=settings.redis_max_connections, timeout=5, socket_timeout=5,
-            socket_connect_timeout=2, health_check_interval=30))
+            socket_connect_timeout=2, health_check_interval=30, client_name="comfy-api"))
         # Event streams wait in XREAD BLOCK, each holding a connection: a pool of their own, one
         # connection per stream the process admits, so they never starve ordinary requests.
         events_client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(

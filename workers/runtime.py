@@ -31,7 +31,7 @@ class WorkerRuntime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.instance = uuid.uuid4().hex  # this process; a restarted worker is another instance
-        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30, client_name="comfy-worker")
         # Webhooks are queued for the webhook worker (common/webhooks.py), never sent from here.
         self.notifier = Notifier(celery_app, settings.webhook_queue)
         self.store = TaskStore(self.redis, settings.result_ttl, settings.events_ttl, notify=self.notifier.on_status)
