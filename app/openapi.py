@@ -53,7 +53,7 @@ SCHEMAS = {
 # Service fields of every generate body, beside the workflow's own parameters.
 CALLBACK_FIELDS = {
     "callback_url": {
-        "type": "string", "format": "uri", "maxLength": 2048,
+        "type": "string", "format": "uri", "maxLength": 2048, "pattern": "^https?://[!-\\[\\]-~]+$",
         "description": ("POST the final task document here, signed per Standard Webhooks (see `webhooks`). The "
                         "host must be on the service's WEBHOOK_ALLOWED_HOSTS (else 422 callback_not_allowed)."),
     },
@@ -63,6 +63,7 @@ CALLBACK_FIELDS = {
         "description": "Also POST these events (the final document is always sent). Needs callback_url.",
     },
 }
+CALLBACK_NEEDS_URL = {"callback_events": ["callback_url"]}
 SSE_DESCRIPTION = """\
 Server-Sent Events. The stream starts with `retry: 2000`, replays the job's events from the start (or after
 Last-Event-ID) and follows it live:
@@ -119,6 +120,7 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                      "description": "Pin the job to any GPU of this host."},
             **CALLBACK_FIELDS,
             **schema["properties"]}
+        schema["dependentRequired"] = CALLBACK_NEEDS_URL
         if name != "storydiffusion":
             schema.setdefault("required", []).insert(0, "workflow")
         model_name = f"Generate_{name}"
@@ -245,5 +247,6 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
     })
     # The raw-graph variant (added by secure_document) takes the same service fields.
     raw = document["components"]["schemas"]["Generate_raw"]
-    document["components"]["schemas"]["Generate_raw"] = {**raw, "properties": {**raw["properties"], **CALLBACK_FIELDS}}
+    document["components"]["schemas"]["Generate_raw"] = {**raw, "properties": {**raw["properties"], **CALLBACK_FIELDS},
+                                                          "dependentRequired": CALLBACK_NEEDS_URL}
     return document
