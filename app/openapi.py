@@ -78,6 +78,23 @@ Reconnect with the last `id:` seen as `Last-Event-ID` to resume without losing o
 open SSE_MAX_SECONDS ends without a final event: reconnect the same way."""
 
 
+def _below_2_64() -> str:
+    """A regex for the decimal numbers Redis takes as a stream id part (0 … 2^64-1, 1–20 digits):
+    what the service accepts as Last-Event-ID, so the document and the 400 agree."""
+    limit = str(2**64 - 1)
+    branches = ["[0-9]{1,19}", "0[0-9]{19}"]
+    for index, digit in enumerate(limit):  # same prefix, a smaller digit here, anything after
+        if digit != "0":
+            low = "0" if index else "1"
+            branches.append(f"{limit[:index]}[{low}-{int(digit) - 1}][0-9]{{{len(limit) - index - 1}}}"
+                            if int(digit) - 1 >= int(low) else None)
+    branches.append(limit)
+    return "(?:" + "|".join(b for b in branches if b) + ")"
+
+
+LAST_EVENT_ID_PATTERN = f"^{_below_2_64()}-{_below_2_64()}$"
+
+
 def _sse_event(name: str, model: type) -> dict:
     """One event as OpenAPI 3.2 describes a text/event-stream item: its fields as strings, `data`
     holding JSON that matches the event's model."""
@@ -170,10 +187,10 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                 "parameters": [task_id, {
                     "name": "Last-Event-ID", "in": "header", "required": False,
                     "description": "Resume after this event (what an EventSource sends when it reconnects).",
-                    "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}}, {
+                    "schema": {"type": "string", "pattern": LAST_EVENT_ID_PATTERN}}, {
                     "name": "last_event_id", "in": "query", "required": False,
                     "description": "The same, for clients that cannot set headers (the header wins).",
-                    "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}}],
+                    "schema": {"type": "string", "pattern": LAST_EVENT_ID_PATTERN}}],
                 "responses": {
                     "200": {"description": "The event stream.",
                             "content": {"text/event-stream": SSE_CONTENT}},

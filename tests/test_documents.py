@@ -224,3 +224,17 @@ def test_every_event_the_document_names_is_a_model(document):
     items = content["text/event-stream"]["itemSchema"]["oneOf"]
     assert [item["properties"]["event"]["const"] for item in items] == list(SSE_EVENTS)
     assert json.loads(json.dumps(document)) == document  # served as JSON, unchanged
+
+
+@pytest.mark.parametrize("value", [
+    "0-0", "1796014756253-0", "18446744073709551615-18446744073709551615", "01844674407370955161-7",
+    "18446744073709551616-0", "0-18446744073709551616", "99999999999999999999-1", "18446744073709551620-0",
+    "17999999999999999999-0", "18446744073709551599-3", "1-", "-1", "1-2-3", "a-1", "000000000000000000000-0",
+])
+def test_the_documented_last_event_id_is_what_the_service_accepts(value):
+    import re
+
+    from app.openapi import LAST_EVENT_ID_PATTERN
+    from common.events import valid_id
+
+    assert bool(re.fullmatch(LAST_EVENT_ID_PATTERN, value)) == valid_id(value)
