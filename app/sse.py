@@ -124,7 +124,7 @@ def _follow(svc, task_id: str, after: str):
     yield f"retry: {RETRY_MS}\n\n"
     deadline = time.monotonic() + settings.sse_max_seconds
     last_write = time.monotonic()
-    position: int | None = None
+    position: tuple | None = None  # (queue position, gpu) last sent
     while time.monotonic() < deadline:
         batch = events.read(svc.events_redis or svc.redis, task_id, after, block_ms=BLOCK_MS)
         for event in batch:
@@ -136,7 +136,7 @@ def _follow(svc, task_id: str, after: str):
                 return
             data = _event_data(svc, task_id, event)
             if event.type == events.QUEUED:
-                position = data["queue_position"]
+                position = (data["queue_position"], data["gpu"])
             yield frame(event.type, data, event.id)
             last_write = time.monotonic()
         if batch:
@@ -159,11 +159,11 @@ def _follow(svc, task_id: str, after: str):
                 yield frame(status, document, final_id)
             return
         if status == QUEUED:
-            now = svc.store.queue_position(queue, task_id)
-            if now != position:
+            now = (svc.store.queue_position(queue, task_id), json.loads(gpu) if gpu else None)
+            if now != position:  # its place in line, or its GPU, changed: said without an id
                 position = now
-                yield frame(events.QUEUED, {"task_id": task_id, "status": "queued", "queue_position": now,
-                                            "gpu": json.loads(gpu) if gpu else None})
+                yield frame(events.QUEUED, {"task_id": task_id, "status": "queued", "queue_position": now[0],
+                                            "gpu": now[1]})
                 last_write = time.monotonic()
         if time.monotonic() - last_write >= settings.sse_keepalive:
             yield ": keep-alive\n\n"  # also how a dropped client is noticed

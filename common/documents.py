@@ -19,8 +19,11 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+from common import lifecycle
+
+# The statuses come from the lifecycle (common/lifecycle.py), in its order.
+STATUSES = tuple(str(s) for s in lifecycle.Status)
+FINAL_STATUSES = tuple(str(s) for s in lifecycle.Status if s in lifecycle.FINAL_STATUSES)
 CALLBACK_EVENTS = ("started", "progress", "output")  # the final document is always sent
 ERROR_SOURCES = ("service", "comfyui")
 EVENT_ID_PATTERN = "^[0-9]{1,20}-[0-9]{1,20}$"

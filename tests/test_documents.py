@@ -27,34 +27,34 @@ def _record(status: str, **fields) -> dict:
             "owner": "alice", "created_at": CREATED, "cancel_requested": False, **fields}
 
 
-# (record, live progress, queue position) as the routes hand them to task_document.
+# (record, queue position) as the routes hand them to task_document (progress lives in the record).
 RECORDS = {
-    "queued in Celery": (_record("queued"), None, 2),
-    "queued in ComfyUI behind another": (_record("queued", gpu="gpu.a.0"), None, 1),
-    "running": (_record("running", gpu="gpu.a.0", started_at=STARTED), PROGRESS, None),
-    "running, no progress yet": (_record("running", gpu="gpu.a.0", started_at=STARTED), None, None),
+    "queued in Celery": (_record("queued"), 2),
+    "queued in ComfyUI behind another": (_record("queued", gpu="gpu.a.0"), 1),
+    "running": (_record("running", gpu="gpu.a.0", started_at=STARTED, progress=PROGRESS), None),
+    "running, no progress yet": (_record("running", gpu="gpu.a.0", started_at=STARTED), None),
     "succeeded with images": (_record(
         "succeeded", gpu="gpu.a.0", started_at=STARTED, finished_at=FINISHED,
         progress={"percent": 100.0, "node": None, "step": 12, "max": 12},
         result={"images": [{"content_type": "image/png", "width": 256, "height": 256, "size": 91234, "path": "x"},
-                           {"content_type": "image/png", "size": 9}]}), None, None),
+                           {"content_type": "image/png", "size": 9}]}), None),
     "failed in ComfyUI": (_record(
         "failed", gpu="gpu.a.0", started_at=STARTED, finished_at=FINISHED, progress=PROGRESS,
         error={"source": "comfyui", "code": "execution_error", "message": "CUDA out of memory",
                "details": {"node_id": "3", "node_type": "KSampler", "exception_type": "torch.OutOfMemoryError",
-                           "exception_message": "CUDA out of memory", "traceback": ["..."]}}), None, None),
+                           "exception_message": "CUDA out of memory", "traceback": ["..."]}}), None),
     "failed before it ran": (_record(
         "failed", finished_at=FINISHED,
-        error={"source": "service", "code": "no_worker", "message": "no GPU took it", "details": {}}), None, None),
-    "cancelled while queued": (_record("cancelled", finished_at=FINISHED, cancel_requested=True), None, None),
+        error={"source": "service", "code": "no_worker", "message": "no GPU took it", "details": {}}), None),
+    "cancelled while queued": (_record("cancelled", finished_at=FINISHED, cancel_requested=True), None),
     "cancelled while running": (_record(
         "cancelled", gpu="gpu.a.0", started_at=STARTED, finished_at=FINISHED, cancel_requested=True,
-        progress=PROGRESS), None, None),
-    "with a callback, not delivered yet": (_record("queued", callback=CALLBACK), None, 0),
+        progress=PROGRESS), None),
+    "with a callback, not delivered yet": (_record("queued", callback=CALLBACK), 0),
     "with a callback, delivered": (_record(
         "succeeded", gpu="gpu.a.0", started_at=STARTED, finished_at=FINISHED, result={"images": []},
         callback=CALLBACK, webhook={"state": "delivered", "attempts": 2, "last_status": 200,
-                                    "delivered_at": FINISHED}), None, None),
+                                    "delivered_at": FINISHED}), None),
 }
 
 
@@ -87,8 +87,8 @@ def _unknown_fields(model: BaseModel, path: str = "") -> list[str]:
 def test_every_task_document_is_exactly_a_task(case, document):
     from common.task_view import task_document
 
-    record, live, position = RECORDS[case]
-    built = task_document(record, live, position, "")
+    record, position = RECORDS[case]
+    built = task_document(record, position, "")
     assert set(built) == set(Task.model_fields), case
     task = Task.model_validate(built)
     assert _unknown_fields(task) == [], case
