@@ -90,6 +90,8 @@ TRANSITIONS: dict[str, Transition] = {t.name: t for t in (
        "cancelled before any worker took it: it never reaches a GPU"),
     _t("cancel_run", (H, R), State.CANCELLED, "worker", True, "cancelled",
        "ComfyUI deleted the queued prompt or interrupted the running one, at our request"),
+    _t("collect", (H, R), None, "monitor", True, None,
+       "its worker no longer follows it and ComfyUI finished it: the monitor collects the outputs"),
     _t("requeue", (W, H, R), W, "worker, monitor", True, "queued",
        "moved to a GPU's queue again: its worker or ComfyUI was lost, or its GPU stopped taking jobs"),
 )}

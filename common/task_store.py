@@ -15,6 +15,7 @@ Every key a script touches comes in KEYS, built by common/keys.py.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -23,6 +24,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable
 
 import redis
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
 from common import keys, lifecycle, metrics
 from common.lifecycle import State, Status
@@ -254,12 +256,20 @@ class _Call:
     keys: list[str] = field(default_factory=list)
 
 
+# What a Redis outage looks like to a client: the server is gone, restarting, or loading its AOF.
+OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
 class TaskStore:
-    def __init__(self, client: redis.Redis, ttl: int, events_ttl: int = 3600, notify: Notify | None = None):
+    def __init__(self, client: redis.Redis, ttl: int, events_ttl: int = 3600, notify: Notify | None = None,
+                 outage_tolerance: float = 0.0):
         self.redis = client
         self.ttl = ttl
         self.events_ttl = events_ttl
         self.notify = notify  # webhooks (common/webhooks.py); None: this process sends none
+        # Workers wait out a Redis outage this long (REDIS_OUTAGE_TOLERANCE) before a transition
+        # gives up; the API does not wait (0): its caller gets a 503 at once.
+        self.outage_tolerance = outage_tolerance
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
         self._position = client.register_script(_POSITION)
@@ -362,7 +372,47 @@ class TaskStore:
     # Transitions --------------------------------------------------------------------------------
     def apply(self, name: str, task_id: str, *, queue: str, owner: str = "anonymous", to_queue: str | None = None,
               instance: str | None = None, fields: dict | None = None, event: dict | None = None,
-              metric_ops: list[tuple] = (), want_record: bool = False) -> Outcome:
+              metric_ops: list[tuple] = (), want_record: bool = False, wait_out_outage: bool = True) -> Outcome:
+        """Apply lifecycle transition `name` (see `_apply`), waiting out a Redis outage of up to
+        `outage_tolerance` seconds with exponential backoff. A transition whose reply was lost
+        with the connection may have applied: a retry refused because the job is already where
+        this transition takes it, and owned by `instance`, counts as applied."""
+        call = functools.partial(self._apply, name, task_id, queue=queue, owner=owner, to_queue=to_queue,
+                                 instance=instance, fields=fields, event=event, metric_ops=metric_ops,
+                                 want_record=want_record)
+        if not wait_out_outage or self.outage_tolerance <= 0:
+            return call()
+        retried = False
+        for attempt in Retrying(retry=retry_if_exception_type(OUTAGE_ERRORS), reraise=True,
+                                stop=stop_after_delay(self.outage_tolerance),
+                                wait=wait_exponential_jitter(initial=0.1, max=5.0),
+                                before_sleep=lambda state: log.warning(
+                                    "task %s: Redis unavailable for %s (%s); retrying", task_id, name,
+                                    state.outcome.exception())):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    retried = True
+                outcome = call()
+        if retried and not outcome.applied:
+            outcome = self._applied_before(name, task_id, instance, outcome, want_record)
+        return outcome
+
+    def _applied_before(self, name: str, task_id: str, instance: str | None, outcome: Outcome,
+                        want_record: bool) -> Outcome:
+        spec = lifecycle.transition(name)
+        record = self.get(task_id)
+        if record is None or instance is None or record.get("worker") != instance:
+            return outcome
+        if spec.target is not None and lifecycle.state_of(record) == spec.target:
+            log.info("task %s: %s had applied before the connection was lost", task_id, name)
+            payload = self.payload(task_id) if want_record else None
+            return Outcome(True, outcome.before, record.get("callback"), None, bool(record.get("cancel_requested")),
+                           record if want_record else None, payload)
+        return outcome
+
+    def _apply(self, name: str, task_id: str, *, queue: str, owner: str = "anonymous", to_queue: str | None = None,
+               instance: str | None = None, fields: dict | None = None, event: dict | None = None,
+               metric_ops: list[tuple] = (), want_record: bool = False) -> Outcome:
         """Apply lifecycle transition `name` to a job that is on `queue` (else refused).
 
         `instance`: for an owned transition, the worker that must own a handed or running job.

@@ -28,6 +28,7 @@ EXPECTED = {  # transition → {source: target}; anything else is refused
     "cancel_waiting": {State.WAITING: State.CANCELLED},
     "cancel_run": {State.HANDED: State.CANCELLED, State.RUNNING: State.CANCELLED},
     "requeue": {s: State.WAITING for s in ACTIVE},
+    "collect": {State.HANDED: State.HANDED, State.RUNNING: State.RUNNING},
 }
 
 

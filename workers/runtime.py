@@ -34,7 +34,8 @@ class WorkerRuntime:
         self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30, client_name="comfy-worker")
         # Webhooks are queued for the webhook worker (common/webhooks.py), never sent from here.
         self.notifier = Notifier(celery_app, settings.webhook_queue)
-        self.store = TaskStore(self.redis, settings.result_ttl, settings.events_ttl, notify=self.notifier.on_status)
+        self.store = TaskStore(self.redis, settings.result_ttl, settings.events_ttl, notify=self.notifier.on_status,
+                               outage_tolerance=settings.redis_outage_tolerance)
         self.registry = Registry(self.redis, settings.heartbeat_ttl)
         self.storage = make_storage(settings)
         self.client = ComfyClient(settings.comfyui_url, timeout=settings.comfyui_timeout,
@@ -155,9 +156,13 @@ class WorkerRuntime:
     def start_background(self, celery_app) -> None:
         if self._threads:
             return
+        from workers.tasks import collect  # the job path's own way of storing outputs and finishing
+
         self.monitor = Monitor(self.store, self.registry, celery_app, self.instance, self.settings.max_attempts,
                                self.settings.heartbeat_interval, comfy_cancel=_cancel_elsewhere,
-                               notifier=self.notifier, webhook_resend_after=self.settings.webhook_resend_after)
+                               notifier=self.notifier, webhook_resend_after=self.settings.webhook_resend_after,
+                               grace=self.settings.reconcile_grace, job_timeout=self.settings.job_timeout,
+                               collect=lambda record: collect(self, record))
         for target, name in ((self._heartbeat_loop, "heartbeat"), (self._cancel_loop, "cancel-listener")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()

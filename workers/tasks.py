@@ -14,6 +14,9 @@ import io
 import logging
 import time
 import uuid
+from types import SimpleNamespace
+
+import redis
 
 from celery import signals
 from celery.exceptions import Ignore
@@ -29,7 +32,7 @@ from common.task_store import now_iso
 from common.task_view import image_url
 from workers.celery_app import RUN_WORKFLOW, app
 from workers.comfy_client import (
-    Cached, ComfyError, ComfyWaitTimeout, Executing, Failed, Interrupted, Progress, Started, Succeeded,
+    Cached, ComfyClient, ComfyError, ComfyWaitTimeout, Executing, Failed, Interrupted, Progress, Started, Succeeded,
 )
 from workers.joblogs import get_job_logs
 from workers.progress import ProgressTracker
@@ -61,7 +64,13 @@ class Job:
                           event={"queue": self.runtime.queue, "gpu": self.runtime.queue})
 
     def progress(self, progress: dict) -> None:
-        done = self.apply("progress", fields={"progress": progress}, event=progress)
+        try:  # progress is not worth waiting for Redis: the next update replaces it
+            done = self.runtime.store.apply(
+                "progress", self.task_id, queue=self.runtime.queue, owner=self.record.get("owner", "anonymous"),
+                instance=self.runtime.instance, fields={"progress": progress}, event=progress, wait_out_outage=False)
+        except redis.RedisError as exc:
+            log.warning("task %s: progress not recorded (Redis: %s)", self.task_id, exc)
+            return
         now = time.monotonic()
         if done and self.callback and now - self.last_hook >= self.runtime.settings.webhook_progress_interval:
             self.last_hook = now
@@ -166,7 +175,7 @@ def _run_workflow(self, task_id: str) -> dict:
     runtime.job_started(task_id)
     try:
         taken = runtime.store.apply(
-            "hand", task_id, queue=source, to_queue=runtime.queue, fields={
+            "hand", task_id, queue=source, to_queue=runtime.queue, instance=runtime.instance, fields={
                 "gpu": runtime.queue, "comfyui": runtime.settings.comfyui_url, "worker": runtime.instance,
                 "prompt_id": prompt_id, "handed_at": now_iso(), "progress": None},
             event={"queue": runtime.queue, "gpu": runtime.queue},
@@ -333,3 +342,21 @@ def _finish_failed(job: Job, error: dict, **fields) -> dict:
 def _finish_cancelled(job: Job) -> dict:
     job.finish("cancel_run", "cancelled")
     raise Ignore()
+
+
+def collect(runtime, record: dict) -> str:
+    """Finish a job whose prompt ComfyUI completed while no worker followed it (its worker died
+    or dropped it; common/reconcile.py): its outputs are collected and stored as the worker would
+    have, on behalf of the worker that took it. No second run."""
+    with ComfyClient(record["comfyui"], timeout=runtime.settings.comfyui_timeout) as client:
+        acting = SimpleNamespace(store=runtime.store, queue=record["queue"], instance=record.get("worker"),
+                                 settings=runtime.settings, notifier=runtime.notifier, client=client,
+                                 storage=runtime.storage, registry=runtime.registry)
+        job = Job(acting, record)
+        try:
+            if record.get("state") == str(State.HANDED) and not job.start():
+                return "not ours"
+            result = _finish_succeeded(acting, job, record["prompt_id"], ProgressTracker({}))
+        except (Ignore, JobFailed) as exc:
+            return f"not collected: {type(exc).__name__}"
+    return str(result.get("status"))
