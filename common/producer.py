@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from common import broker
 from common.settings import Settings, get_settings
 
 RUN_WORKFLOW = "comfy.run_workflow"
@@ -24,6 +25,8 @@ def make_celery(settings: Settings | None = None, include: tuple[str, ...] = ())
     settings = settings or get_settings()
     app = Celery("comfy_service", broker=settings.redis_url)
     app.conf.update(
+        # kombu's Redis transport, hardened so a Redis restart does not stop the worker.
+        broker_transport=broker.transport_for(settings.redis_url),
         task_serializer="json", accept_content=["json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,
