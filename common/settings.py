@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     comfyui_unreachable_deadline: float = Field(60.0, gt=0, validation_alias="COMFYUI_UNREACHABLE_DEADLINE")
     comfyui_stall_timeout: float = Field(60.0, gt=0, validation_alias="COMFYUI_STALL_TIMEOUT")
 
+    # How often a worker re-reads the checkpoints its ComfyUI has (GET /object_info), for its heartbeat.
+    checkpoints_refresh: float = Field(60.0, gt=0, validation_alias="CHECKPOINTS_REFRESH")
+    # A fleet whose GPUs come and go (an autoscaler, scale to zero): a job that no live GPU can take
+    # but one the fleet has had could waits for it (queued on that GPU) instead of a 503.
+    wait_for_gpus: bool = Field(False, validation_alias="WAIT_FOR_GPUS")
+
     # Jobs.
     job_timeout: float = Field(3600.0, gt=0, validation_alias="JOB_TIMEOUT", description="Longest run on ComfyUI.")
     # Must exceed the longest job, or Redis redelivers a running job (Celery's known trap).

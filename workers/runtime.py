@@ -48,6 +48,8 @@ class WorkerRuntime:
         self.checkpoint: str | None = None  # the model the GPU holds after our last job
         self.rates: dict[str, dict] = {}  # workflow → measured seconds per cost unit
         self.comfy_queue: int | None = None
+        self.checkpoints: list[str] | None = None  # what its ComfyUI offers (None: not read yet)
+        self._checkpoints_read = float("-inf")
         self._active: dict[str, str | None] = {}  # task id → ComfyUI prompt id (None until submitted)
         self._cancelled: set[str] = set()  # cancels sent to ComfyUI for jobs still active here
         self._cancel_pending: set[str] = set()  # cancels asked before the prompt reached ComfyUI
@@ -129,10 +131,24 @@ class WorkerRuntime:
     def _comfy_system_stats(self) -> dict:
         return self.client.system_stats().raw
 
+    def _read_checkpoints(self) -> None:
+        """The checkpoint files its ComfyUI can load, every CHECKPOINTS_REFRESH seconds: dispatch
+        sends a job only to GPUs that have its model, and the fleet remembers them (registry)."""
+        if time.monotonic() - self._checkpoints_read < self.settings.checkpoints_refresh:
+            return
+        try:
+            nodes = self.client.object_info("CheckpointLoaderSimple")
+        except ComfyError as exc:
+            log.warning("could not read ComfyUI's checkpoints: %s", exc)
+            return
+        self._checkpoints_read = time.monotonic()
+        self.checkpoints = checkpoint_names(nodes)
+
     def heartbeat(self) -> dict:
         try:
             self.comfy_queue = self.client.prompt_queue_remaining()
             comfy_ok = True
+            self._read_checkpoints()
         except ComfyError:
             comfy_ok = False
         gpu = self.probe.read()
@@ -146,6 +162,7 @@ class WorkerRuntime:
             "comfyui_ok": comfy_ok, "comfyui_queue": self.comfy_queue if comfy_ok else None,
             "running": running, "concurrency": self.settings.worker_concurrency, "draining": self.draining,
             "gpu": gpu.as_dict(), "host_stats": host_stats().as_dict(), "checkpoint": checkpoint,
+            "checkpoints": self.checkpoints,
             "rates": rates, "started_at": self.started_at,
         }
 
@@ -236,6 +253,19 @@ class WorkerRuntime:
                 time.sleep(1.0)
             finally:
                 pubsub.close()
+
+
+def checkpoint_names(nodes: dict) -> list[str] | None:
+    """The choices of CheckpointLoaderSimple's `ckpt_name` in /object_info (both the list form
+    `[[names], {...}]` and the newer `["COMBO", {"options": [names]}]`); None if absent."""
+    node = nodes.get("CheckpointLoaderSimple")
+    spec = ((node.input if node else {}).get("required") or {}).get("ckpt_name") if node else None
+    if not spec:
+        return None
+    if isinstance(spec[0], list):
+        return sorted(str(n) for n in spec[0])
+    options = spec[1].get("options") if len(spec) > 1 and isinstance(spec[1], dict) else None
+    return sorted(str(n) for n in options) if isinstance(options, list) else None
 
 
 def _cancel_elsewhere(comfyui_url: str, prompt_id: str) -> None:
