@@ -209,7 +209,9 @@ def generate():
 
     job = JobSpec(workflow=name, cost=rendered.cost, checkpoint=rendered.checkpoint, **pin)
     known = _check_checkpoint_known(rendered.checkpoint) if rendered.checkpoint else None
-    queue = choose(svc.registry.alive(), job)
+    policy = svc.settings.dispatch_policy
+    turn = int(svc.redis.incr(keys.DISPATCH_TURN)) if policy == "round_robin" else 0
+    queue = choose(svc.registry.alive(), job, policy=policy, turn=turn)
     waiting_reason = None
     if queue is None:
         if pin:

@@ -8,6 +8,7 @@ not draining, not excluded (a GPU that just failed this job), and matching a pin
 """
 from __future__ import annotations
 
+import random
 import statistics
 from dataclasses import dataclass, field
 
@@ -69,6 +70,12 @@ def measured_rate(worker: dict, workflow: str) -> float | None:
     return float(rate["seconds_per_unit"]) if rate and rate.get("seconds_per_unit") else None
 
 
+def measured_fixed(worker: dict, workflow: str) -> float:
+    """The GPU's fixed seconds per prompt (decode, saving, hand-over), learned beside its rate."""
+    rate = (worker.get("rates") or {}).get(workflow)
+    return float(rate.get("seconds_per_prompt") or 0.0) if rate else 0.0
+
+
 def fleet_rate(workers: list[dict], workflow: str) -> float:
     """What a GPU with no history of this workflow is assumed to take: the fleet's median."""
     known = [r for r in (measured_rate(w, workflow) for w in workers) if r is not None]
@@ -76,8 +83,11 @@ def fleet_rate(workers: list[dict], workflow: str) -> float:
 
 
 def expected_finish(worker: dict, job: JobSpec, default_rate: float) -> float:
+    """Seconds until this job would be done there: every job on the GPU and this one, each its
+    fixed time per prompt plus its cost at the GPU's rate, plus a checkpoint load if needed."""
     rate = measured_rate(worker, job.workflow) or default_rate
-    seconds = (float(worker.get("load", 0.0)) + job.cost) * rate
+    prompts = int(worker.get("jobs", 0)) + 1
+    seconds = (float(worker.get("load", 0.0)) + job.cost) * rate + prompts * measured_fixed(worker, job.workflow)
     if job.checkpoint and worker.get("checkpoint") != job.checkpoint:
         seconds += float(worker.get("checkpoint_load_seconds") or DEFAULT_CHECKPOINT_LOAD_SECONDS)
     return seconds
@@ -95,10 +105,27 @@ def score(worker: dict, job: JobSpec, default_rate: float) -> tuple:
             utilisation, worker["queue"])
 
 
-def choose(workers: list[dict], job: JobSpec) -> str | None:
-    """The queue of the best GPU for `job`, or None when no healthy GPU fits it. O(GPUs)."""
-    candidates = [w for w in workers if eligible(w, job)]
+POLICIES = ("expected_finish", "round_robin", "gpu_cpu_load")
+
+
+def choose(workers: list[dict], job: JobSpec, policy: str = "expected_finish", turn: int = 0,
+           rng: random.Random | None = None) -> str | None:
+    """The queue of the best GPU for `job`, or None when no healthy GPU fits it. O(GPUs).
+
+    `expected_finish` (the service's): earliest expected finish. The two others exist to be
+    measured against it (bench/dispatch.py runs each for real): `round_robin` takes the
+    `turn`-th eligible GPU in queue order; `gpu_cpu_load` the lowest 0.7·GPU utilisation +
+    0.3·host CPU from the heartbeats, ties at random."""
+    candidates = sorted((w for w in workers if eligible(w, job)), key=lambda w: w["queue"])
     if not candidates:
         return None
+    if policy == "round_robin":
+        return candidates[turn % len(candidates)]["queue"]
+    if policy == "gpu_cpu_load":
+        def load(w: dict) -> float:
+            return 0.7 * float((w.get("gpu") or {}).get("utilization") or 0) + \
+                0.3 * float((w.get("host_stats") or {}).get("cpu_percent") or 0)
+        lowest = min(load(w) for w in candidates)
+        return (rng or random).choice([w for w in candidates if load(w) == lowest])["queue"]
     default_rate = fleet_rate(workers, job.workflow)
     return min(candidates, key=lambda w: score(w, job, default_rate))["queue"]

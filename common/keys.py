@@ -72,6 +72,7 @@ def worker(queue: str) -> str:
 
 
 MONITOR_LOCK = f"{PREFIX}monitor:lock"
+DISPATCH_TURN = f"{PREFIX}dispatch:turn"  # the round-robin baseline's counter (DISPATCH_POLICY)
 
 # Admission and cancel ------------------------------------------------------------------------
 ACTIVE = f"{PREFIX}active"  # set: every unfinished job (MAX_ACTIVE_JOBS)

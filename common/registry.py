@@ -48,8 +48,8 @@ class Registry:
         self.redis.delete(keys.worker(queue))
 
     def alive(self) -> list[dict]:
-        """Live workers' heartbeats, each with `waiting` (jobs not started) and `load`
-        (cost units waiting or running on it)."""
+        """Live workers' heartbeats, each with `waiting` (jobs not started), `jobs` (waiting or
+        running) and `load` (cost units waiting or running on it)."""
         names = [_text(q) for q in self.redis.zrangebyscore(WORKERS, time.time() - self.ttl, "+inf")]
         if not names:
             return []
@@ -58,15 +58,17 @@ class Registry:
             pipe.get(keys.worker(name))
             pipe.zcard(keys.waiting(name))
             pipe.zcard(keys.handed(name))
+            pipe.scard(keys.running(name))
             pipe.get(keys.load(name))
         replies = pipe.execute()
         workers = []
         for i, _ in enumerate(names):
-            beat, waiting, handed, load = replies[4 * i:4 * i + 4]
+            beat, waiting, handed, running, load = replies[5 * i:5 * i + 5]
             if beat is None:
                 continue
             record = json.loads(beat)
             record["waiting"] = int(waiting) + int(handed)
+            record["jobs"] = record["waiting"] + int(running)
             record["load"] = max(int(load or 0), 0) / 1000
             workers.append(record)
         return workers

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 from functools import cache
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -60,6 +61,10 @@ class Settings(BaseSettings):
     comfyui_unreachable_deadline: float = Field(60.0, gt=0, validation_alias="COMFYUI_UNREACHABLE_DEADLINE")
     comfyui_stall_timeout: float = Field(60.0, gt=0, validation_alias="COMFYUI_STALL_TIMEOUT")
 
+    # How the API picks a GPU (common/dispatch.py): expected_finish (the service's); round_robin and
+    # gpu_cpu_load exist as baselines for the benchmark.
+    dispatch_policy: Literal["expected_finish", "round_robin", "gpu_cpu_load"] = Field(
+        "expected_finish", validation_alias="DISPATCH_POLICY")
     # How often a worker re-reads the checkpoints its ComfyUI has (GET /object_info), for its heartbeat.
     checkpoints_refresh: float = Field(60.0, gt=0, validation_alias="CHECKPOINTS_REFRESH")
     # A fleet whose GPUs come and go (an autoscaler, scale to zero): a job that no live GPU can take

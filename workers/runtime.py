@@ -24,7 +24,34 @@ from workers.gpu_probe import GpuProbe, host_stats
 from workers.monitor import Monitor
 
 log = logging.getLogger("comfy.worker")
-RATE_SMOOTHING = 0.3  # weight of the newest job in a GPU's seconds-per-unit estimate
+RATE_SMOOTHING = 0.3  # weight of the newest job in a GPU's speed estimate
+
+
+class SpeedModel:
+    """seconds = fixed + cost × per_unit, by least squares over exponentially weighted samples
+    (the newest weighs RATE_SMOOTHING), so a GPU's speed follows it as it changes. Until its
+    jobs differ in cost, nothing tells the fixed part from the rest: all of it is per unit."""
+
+    def __init__(self):
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+        self.jobs = 0
+
+    def add(self, cost: float, seconds: float) -> None:
+        keep = 1.0 - RATE_SMOOTHING if self.jobs else 0.0
+        weight = RATE_SMOOTHING if self.jobs else 1.0
+        self.w, self.x, self.y = keep * self.w + weight, keep * self.x + weight * cost, keep * self.y + weight * seconds
+        self.xx, self.xy = keep * self.xx + weight * cost * cost, keep * self.xy + weight * cost * seconds
+        self.jobs += 1
+
+    def estimate(self) -> dict:
+        mean_x, mean_y = self.x / self.w, self.y / self.w
+        spread = self.xx / self.w - mean_x * mean_x
+        if spread > 1e-9 * max(mean_x * mean_x, 1e-12):
+            per_unit = (self.xy / self.w - mean_x * mean_y) / spread
+            fixed = mean_y - per_unit * mean_x
+            if per_unit > 0 and fixed >= 0:
+                return {"seconds_per_unit": per_unit, "seconds_per_prompt": fixed}
+        return {"seconds_per_unit": mean_y / mean_x, "seconds_per_prompt": 0.0}
 
 
 class WorkerRuntime:
@@ -46,7 +73,8 @@ class WorkerRuntime:
         self.started_at = now_iso()
         self.draining = False
         self.checkpoint: str | None = None  # the model the GPU holds after our last job
-        self.rates: dict[str, dict] = {}  # workflow → measured seconds per cost unit
+        self.rates: dict[str, dict] = {}  # workflow → measured seconds per cost unit and per prompt
+        self._speed: dict[str, SpeedModel] = {}
         self.comfy_queue: int | None = None
         self.checkpoints: list[str] | None = None  # what its ComfyUI offers (None: not read yet)
         self._checkpoints_read = float("-inf")
@@ -86,7 +114,8 @@ class WorkerRuntime:
             return dict(self._active)
 
     def job_measured(self, workflow: str, seconds: float, cost: float, checkpoint: str | None) -> None:
-        """Learn this GPU's speed from a finished job (GPU time only: start to success in ComfyUI).
+        """Learn this GPU's speed from a finished job (GPU time only: start to success in ComfyUI):
+        seconds ≈ fixed per prompt + cost × seconds per unit, fitted over recent jobs.
 
         A job that had to load its checkpoint first is not a sample of the GPU's speed.
         """
@@ -96,14 +125,9 @@ class WorkerRuntime:
                 self.checkpoint = checkpoint
             if cold or cost <= 0 or seconds <= 0:
                 return
-            sample = seconds / cost
-            rate = self.rates.get(workflow)
-            if rate is None:
-                self.rates[workflow] = {"seconds_per_unit": sample, "jobs": 1, "last_seconds": round(seconds, 3)}
-            else:
-                rate["seconds_per_unit"] = (1 - RATE_SMOOTHING) * rate["seconds_per_unit"] + RATE_SMOOTHING * sample
-                rate["jobs"] += 1
-                rate["last_seconds"] = round(seconds, 3)
+            model = self._speed.setdefault(workflow, SpeedModel())
+            model.add(cost, seconds)
+            self.rates[workflow] = {**model.estimate(), "jobs": model.jobs, "last_seconds": round(seconds, 3)}
 
     def cancel_local(self, task_id: str) -> bool:
         """Tell ComfyUI to drop this job's prompt, if this process runs it and has submitted it."""
