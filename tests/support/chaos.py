@@ -101,6 +101,23 @@ def images_expected(body: dict) -> int:
     return len(body.get("scenes", [])) or 1
 
 
+def needless_reruns(runs: list[dict], boots: dict[int, list[float]]) -> list[dict]:
+    """Of one job's executions (`port`, `queued`, `start`, `end`, `outcome`), the successful ones
+    that came after an earlier successful one whose result was still in its ComfyUI: that
+    simulator did not boot again (`boots`: port → boot times) between the earlier execution's
+    end and the later prompt being queued. A rerun after the result was lost with its ComfyUI is
+    failover doing its job; a rerun while the result sat in /history is a duplicate."""
+    ok = sorted((r for r in runs if r["outcome"] == "success"), key=lambda r: r["end"])
+    needless = []
+    for k, later in enumerate(ok[1:], start=1):
+        queued = later["queued"] if later["queued"] is not None else later["start"]
+        for earlier in ok[:k]:
+            if not any(earlier["end"] <= b <= queued for b in boots.get(earlier["port"], [])):
+                needless.append(later)
+                break
+    return needless
+
+
 # -- faults -----------------------------------------------------------------------------------
 class FaultUnavailable(Exception):
     """This fault cannot run in this tree (reported, not failed)."""
@@ -392,19 +409,6 @@ class Chaos:
                     times[port].append(e["t"] - self.t0)
         return times
 
-    def _needless_reruns(self, runs: list[dict], boots: dict[int, list[float]]) -> list[dict]:
-        """Successful executions after an earlier successful one whose result was still in its
-        ComfyUI (no restart of that simulator between its end and this prompt being queued)."""
-        ok = sorted((r for r in runs if r["outcome"] == "success"), key=lambda r: r["end"])
-        needless = []
-        for k, later in enumerate(ok[1:], start=1):
-            for earlier in ok[:k]:
-                lost = any(earlier["end"] <= b <= (later["queued"] or later["start"]) for b in boots[earlier["port"]])
-                if not lost:
-                    needless.append(later)
-                    break
-        return needless
-
     def _stored_attempts(self, task_id: str) -> list[str]:
         folder = self.workdir / "outputs" / task_id
         return sorted({p.name.split("_")[0] for p in folder.iterdir()}) if folder.is_dir() else []
@@ -487,7 +491,7 @@ class Chaos:
             if status == "succeeded" and len(doc["result"]["images"]) != images_expected(job_body(s.index)):
                 wrong_results.append({"task_id": tid, "images": len(doc["result"]["images"])})
             runs = runs_by_task[tid]
-            needless = self._needless_reruns(runs, boots)
+            needless = needless_reruns(runs, boots)
             stored = self._stored_attempts(tid)
             final_events = [e for e in events if e in FINAL]
             if needless or len(stored) > 1 or len(final_events) > 1:
