@@ -382,10 +382,12 @@ def chaos_section(c: dict) -> list[str]:
     never = [s for s in c["stuck"] if s["final_after_s"] is None]
     rows = ["| | jobs |", "|---|---|",
             f"| accepted (202) | {c['accepted']} |",
-            f"| refused | {sum(c['refused'].values())} {', '.join(f'{k}: {v}' for k, v in c['refused'].items())} |",
+            f"| refused | {sum(c['refused'].values())}" + "".join(
+                f"; {k}: {v}" + (" (sent +{}…+{} s)".format(*c["refused_when_s"][k]) if k in c.get("refused_when_s", {}) else "")
+                for k, v in c["refused"].items()) + " |",
             f"| refused or unanswered, but queued anyway | {c['refused_but_queued'] + c['accepted_without_answer']} |",
             f"| succeeded | {c['succeeded']} |",
-            f"| failed | {sum(c['failed'].values())} {', '.join(f'{k}: {v}' for k, v in c['failed'].items())} |",
+            f"| failed | {sum(c['failed'].values())}" + "".join(f"; {k}: {v}" for k, v in c["failed"].items()) + " |",
             f"| **lost** (record gone) | {len(c['lost'])} |",
             f"| **stuck** (not final by the deadline) | {len(c['stuck'])}, of which never final: {len(never)} |",
             f"| **duplicated** (needless second run, or second result set) | {len(c['duplicated'])} |",

@@ -455,6 +455,10 @@ class Chaos:
         for s in self.subs:
             if s.status != 202:
                 refused[f"{s.status or 'no answer'} {s.code}"] += 1
+        refused_at = defaultdict(list)  # when each kind of refusal was sent (first, last)
+        for s in self.subs:
+            if s.status != 202:
+                refused_at[f"{s.status or 'no answer'} {s.code}"].append(s.sent_at)
         recorded_anyway = [s for s in self.subs if s.status != 202 and s.task_id]
         runs_by_task = defaultdict(list)
         executions = self.executions()
@@ -519,7 +523,9 @@ class Chaos:
             # or a refusal but whose Idempotency-Key names a task: all of them are accounted for below.
             "accepted": sum(1 for s in self.subs if s.status == 202),
             "accepted_without_answer": sum(1 for s in accepted if s.status is None),
-            "refused": dict(refused), "refused_but_queued": sum(1 for s in recorded_anyway if s.status is not None),
+            "refused": dict(refused),
+            "refused_when_s": {k: [round(min(v), 1), round(max(v), 1)] for k, v in refused_at.items()},
+            "refused_but_queued": sum(1 for s in recorded_anyway if s.status is not None),
             "succeeded": outcome["succeeded"], "failed": dict(failed), "cancelled": outcome["cancelled"],
             "lost": lost, "stuck": stuck, "duplicated": duplicated, "wrong_results": wrong_results,
             "submit": self._submit_latency(),
