@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                "host": harness.host_info(), "figures": {k: figures[k] for k in FIGURES if k in figures}}
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    doc = report.write(results, docs_dir)
+    chaos_path = results_path.parent / "chaos.json"  # `make chaos` (bench/chaos.py) keeps its own results
+    doc = report.write(results, docs_dir, chaos=json.loads(chaos_path.read_text()) if chaos_path.exists() else None)
     print(f"bench: {len(chosen)} figure(s) in {results['run_seconds']:.0f} s → {results_path.relative_to(REPO) if results_path.is_relative_to(REPO) else results_path}, "
           f"{doc.relative_to(REPO) if doc.is_relative_to(REPO) else doc}")
     return 0
