@@ -23,7 +23,7 @@ GOALS = {"waiting_bytes": 4096, "finished_bytes": 2048}
 CHARACTERS = [{"name": "Lena", "description": "a young woman with red hair"},
               {"name": "Tom", "description": "a tall man with a grey beard"}]
 SCENES = ["[Lena] wakes up in a small flat", "[Tom] walks to the harbour at dawn",
-          "[Lena] meets [Tom] at the market", "[Lena] and [Tom] watch the sea"]
+          "[Lena] buys bread at the market", "[Tom] watches the sea"]
 
 
 def _used(s) -> int:

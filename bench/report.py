@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 ORDER = [("overhead", 1), ("idle", 2), ("dispatch", 3), ("cancel", 4), ("throughput", 5), ("progress", 6),
-         ("scale", 7), ("commands", 8)]
+         ("scale", 7), ("commands", 8), ("memory", 9)]
 STAGES = {"celery_api": "in Celery → API shows cancelled", "pending_sim": "pending in ComfyUI → deleted there",
           "pending_api": "pending in ComfyUI → API shows cancelled", "running_interrupt": "running → interrupt reaches ComfyUI",
           "running_sim": "running → prompt stopped", "running_api": "running → API shows cancelled"}
@@ -360,7 +360,19 @@ def commands(f: dict, docs: Path) -> list[str]:
             f"per-job commands: {per}."]
 
 
-SECTIONS = {"commands": commands, "overhead": overhead, "idle": idle, "dispatch": dispatch, "cancel": cancel, "throughput": throughput,
+def memory(f: dict, docs: Path) -> list[str]:
+    v = f["value"]
+    rows = ["| one job (the last submitted) | key | bytes |", "|---|---|---|"]
+    for stage, parts in v["one_job"].items():
+        rows += [f"| {stage} | {name} | {size:,} |" for name, size in parts.items()]
+    return [f"Per job over {v['jobs']} StoryDiffusion jobs (2 characters, 4 scenes, 768×768), `used_memory` after "
+            f"less before: waiting {v['waiting_bytes']:,} B (goal ≤ {f['goals']['waiting_bytes']:,}); finished, "
+            f"while its event log is kept (`EVENTS_TTL`) {v['finished_with_event_log_bytes']:,} B; finished, for "
+            f"`RESULT_TTL` {v['finished_bytes']:,} B (goal ≤ {f['goals']['finished_bytes']:,}). Redis sizing in "
+            "docs/deploy.md follows from these figures.", "", *rows]
+
+
+SECTIONS = {"commands": commands, "memory": memory, "overhead": overhead, "idle": idle, "dispatch": dispatch, "cancel": cancel, "throughput": throughput,
             "progress": progress, "scale": scale}
 
 
