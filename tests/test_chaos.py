@@ -49,13 +49,9 @@ SHORT = chaos.Plan(jobs=100, gpus=3, rate=6.0, faults=["ws_drop", "worker_kill",
                    first_fault=2.0, fault_every=4.0, deadline=60.0, watch=10.0)
 
 
-# On today's code (before issue 14 items 1-2): each of two runs had 1 duplicated job, a prompt ComfyUI
-# finished just as Redis was killed: its worker's write failed and it dropped the job (record left
-# `running`); Redis came back with every heartbeat expired (down 3 s = HEARTBEAT_TTL), so the monitor
-# took the live worker for dead and ran the job again ("worker_lost"). With the faults closer together
-# a run also left 2 jobs stuck for good (`running` and `handed`, on live workers, prompts finished).
-@pytest.mark.xfail(strict=False, reason="issue 14: 1 duplicated after the Redis restart (a job ComfyUI finished "
-                   "while Redis was down, dropped by its worker, re-run as worker_lost once Redis was back)")
+# Before reconciliation and the Redis-outage work, runs of this test had 1 duplicated job (a prompt
+# ComfyUI finished as Redis was killed, re-run as worker_lost once every heartbeat had expired) and,
+# with the faults closer together, jobs stuck `running` for good on live workers.
 def test_chaos_short(tmp_path):
     result = chaos.run(SHORT, tmp_path, log=lambda line: sys.__stderr__.write(line + "\n"))
     sys.__stderr__.write(result["summary"] + "\n")
