@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from common import redis_conn
 from common.settings import Settings, get_settings
 
 RUN_WORKFLOW = "comfy.run_workflow"
@@ -22,13 +23,14 @@ WORKER_POOL = "workers.pool:CancellingThreadPool"
 
 def make_celery(settings: Settings | None = None, include: tuple[str, ...] = ()) -> Celery:
     settings = settings or get_settings()
-    app = Celery("comfy_service", broker=settings.redis_url)
+    broker_url, sentinel_options = redis_conn.celery_broker(settings)  # REDIS_URL in kombu's form
+    app = Celery("comfy_service", broker=broker_url)
     app.conf.update(
         task_serializer="json", accept_content=["json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout, **sentinel_options},
         # A broker reconnect must not leave a late-ack job both running here and redelivered.
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,

@@ -18,7 +18,7 @@ import redis
 import requests
 from celery import signals
 
-from common import metrics, webhooks
+from common import metrics, redis_conn, webhooks
 from common.logs import setup_logging
 from common.settings import get_settings
 from common.task_store import TaskStore, now_iso
@@ -41,7 +41,7 @@ def _setup_logging(**_):
 @cache
 def _store() -> TaskStore:
     settings = get_settings()
-    return TaskStore(redis.Redis.from_url(settings.redis_url, health_check_interval=30), settings.result_ttl,
+    return TaskStore(redis_conn.connect(settings, health_check_interval=30), settings.result_ttl,
                      settings.events_ttl)
 
 
