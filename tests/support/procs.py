@@ -113,6 +113,7 @@ class RedisServer:
     port: int
     workdir: Path
     password: str | None = None
+    args: list[str] = field(default_factory=list)  # more redis-server options (--replicaof ...)
     proc: subprocess.Popen | None = None
 
     @property
@@ -128,6 +129,7 @@ class RedisServer:
                 "--dir", str(self.workdir)]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
@@ -135,6 +137,17 @@ class RedisServer:
         wait_until(lambda: client.ping(), 10, what=f"redis on port {self.port}")
         client.close()
         return self
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing flushed."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
