@@ -3,11 +3,11 @@
 `REDIS_URL` names either one server (`redis://`, `rediss://`, `unix://`, as redis-py reads
 them) or a set of Sentinels that name the master (`sentinel://[[user]:password@]host:port,
 host:port,.../db`, the master's name in `REDIS_SENTINEL_MASTER`). Through Sentinels a client
-asks for the master's address whenever it opens a connection, so after a failover its next
-connection goes to the new master; redis-py retries a command that lost its connection, which
-covers most of the switch.
-
-Celery's broker and the rate limiter get their form of the same address from here too.
+asks for the master's address whenever it opens a connection and drops connections to a
+demoted master, so once the Sentinels have promoted a replica the next command goes there.
+During the switch a command fails with ConnectionError, as in any Redis outage (the API
+answers 503). Celery's broker gets kombu's form of the same address from here too; the rate
+limiter counts through the API's pool (app/security.py).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from common.settings import Settings
 
 SENTINEL_SCHEME = "sentinel"
 SENTINEL_PORT = 26379
+SENTINEL_TIMEOUT = 2.0  # per Sentinel asked: a dead or hung one must not hold up the others
 
 
 @dataclass(frozen=True)
@@ -97,17 +98,14 @@ def connect(settings: Settings, *, max_connections: int | None = None, wait: flo
     if max_connections is not None:
         pool_options = {"connection_pool_class": SentinelBlockingConnectionPool,
                         "max_connections": max_connections, "timeout": wait}
-    return sentinels(settings, target, options).master_for(
+    return sentinels(settings, target).master_for(
         settings.redis_sentinel_master, db=target.db, username=target.username, password=target.password,
         **pool_options, **options)
 
 
-def sentinels(settings: Settings, target: SentinelURL, options: dict | None = None) -> Sentinel:
-    """The Sentinels of a sentinel:// URL, asked with the Sentinels' own password and the
-    caller's socket timeouts (short by default: a dead Sentinel must not hold up the others)."""
-    options = options or {}
-    sentinel_kwargs = {"socket_timeout": options.get("socket_timeout") or 2.0,
-                       "socket_connect_timeout": options.get("socket_connect_timeout") or 2.0}
+def sentinels(settings: Settings, target: SentinelURL) -> Sentinel:
+    """The Sentinels of a sentinel:// URL, asked with their own password (REDIS_SENTINEL_PASSWORD)."""
+    sentinel_kwargs = {"socket_timeout": SENTINEL_TIMEOUT, "socket_connect_timeout": SENTINEL_TIMEOUT}
     password = settings.redis_sentinel_password.get_secret_value()
     if password:
         sentinel_kwargs["password"] = password
