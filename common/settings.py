@@ -13,7 +13,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
     # Where jobs and their state live. `make run` starts a private Redis when this is unset.
+    # Or Sentinels that name the master: sentinel://[:password@]host:port,host:port/db
+    # (common/redis_conn.py; the password is the master's, the Sentinels' own is below).
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+    redis_sentinel_master: str = Field("mymaster", min_length=1, validation_alias="REDIS_SENTINEL_MASTER")
+    redis_sentinel_password: SecretStr = Field(SecretStr(""), validation_alias="REDIS_SENTINEL_PASSWORD",
+                                               description="Sentinels' requirepass; empty: none.")
 
     # The API.
     api_host: str = Field("127.0.0.1", validation_alias="API_HOST")
@@ -132,6 +137,14 @@ class Settings(BaseSettings):
     def _known_backend(cls, value: str) -> str:
         if value not in ("local", "s3"):
             raise ValueError("STORAGE_BACKEND must be 'local' or 's3'")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _readable_redis_url(cls, value: str) -> str:
+        from common.redis_conn import parse_sentinel_url  # raises on a malformed sentinel:// URL
+
+        parse_sentinel_url(value)
         return value
 
     @property

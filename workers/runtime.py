@@ -13,6 +13,7 @@ from functools import cache
 import redis
 from celery.worker import state as celery_state
 
+from common import redis_conn
 from common.registry import Registry
 from common.settings import Settings, get_settings
 from common.storage import make_storage
@@ -58,7 +59,7 @@ class WorkerRuntime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.instance = uuid.uuid4().hex  # this process; a restarted worker is another instance
-        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30, client_name="comfy-worker")
+        self.redis = redis_conn.connect(settings, health_check_interval=30, client_name="comfy-worker")
         # Webhooks are queued for the webhook worker (common/webhooks.py), never sent from here.
         self.notifier = Notifier(celery_app, settings.webhook_queue)
         self.store = TaskStore(self.redis, settings.result_ttl, settings.events_ttl, notify=self.notifier.on_status,

@@ -118,6 +118,7 @@ class RedisServer:
     workdir: Path
     password: str | None = None
     durable: bool = False
+    args: list[str] = field(default_factory=list)  # more redis-server options (--replicaof ...)
     proc: subprocess.Popen | None = None
 
     @property
@@ -137,6 +138,7 @@ class RedisServer:
             args += ["--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
@@ -146,6 +148,11 @@ class RedisServer:
                    what=f"redis on port {self.port}")
         client.close()
         return self
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown save, no goodbye to clients (a crash or an OOM kill)."""
