@@ -53,10 +53,13 @@ def worker_gone(record: dict, beat: dict | None) -> bool:
 
 
 def suspect(record: dict, beat: dict | None, now: datetime, grace: float) -> bool:
-    """A taken job its worker does not account for, past `grace` since it was taken (which
-    covers a heartbeat published just before the hand-over)."""
+    """A taken job its worker does not account for: at once when another process has taken its
+    queue, else past `grace` since it was taken (which covers a heartbeat published just before
+    the hand-over, and a heartbeat that expired while Redis was away)."""
     if state_of(record) not in (State.HANDED, State.RUNNING):
         return False
+    if beat is not None and beat.get("instance") != record.get("worker"):
+        return True  # another process took the queue: the one that had the job is gone, no doubt
     if _age_seconds(record.get("handed_at") or record.get("started_at"), now) < grace:
         return False
     return not held_by_worker(record, beat)

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable
 
 import redis
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from common import keys, lifecycle, metrics
 from common.lifecycle import State, Status
@@ -272,8 +272,16 @@ class _Call:
     keys: list[str] = field(default_factory=list)
 
 
-# What a Redis outage looks like to a client: the server is gone, restarting, or loading its AOF.
-OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+# What a Redis outage looks like to a client: the server is gone, restarting, or loading its AOF;
+# or, around a Sentinel failover, a node that is a replica now (READONLY), has no replica in sync
+# to accept a write (NOREPLICAS, min-replicas-to-write), or lost its master (MASTERDOWN).
+OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError)
+OUTAGE_REPLIES = ("NOREPLICAS", "MASTERDOWN", "LOADING", "READONLY")
+
+
+def is_outage(exc: BaseException) -> bool:
+    return isinstance(exc, OUTAGE_ERRORS) or (isinstance(exc, redis.ResponseError)
+                                              and str(exc).startswith(OUTAGE_REPLIES))
 
 
 class TaskStore:
@@ -398,7 +406,7 @@ class TaskStore:
         if not wait_out_outage or self.outage_tolerance <= 0:
             return call()
         retried = False
-        for attempt in Retrying(retry=retry_if_exception_type(OUTAGE_ERRORS), reraise=True,
+        for attempt in Retrying(retry=retry_if_exception(is_outage), reraise=True,
                                 stop=stop_after_delay(self.outage_tolerance),
                                 wait=wait_exponential_jitter(initial=0.1, max=5.0),
                                 before_sleep=lambda state: log.warning(

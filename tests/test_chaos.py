@@ -45,8 +45,9 @@ def test_two_runs_at_once_are_a_duplicate_and_failed_or_killed_runs_are_not():
 
 
 # -- the run ------------------------------------------------------------------------------------
-SHORT = chaos.Plan(jobs=100, gpus=3, rate=6.0, faults=["ws_drop", "worker_kill", "sim_kill", "redis_restart"],
-                   first_fault=2.0, fault_every=4.0, deadline=60.0, watch=10.0)
+SHORT = chaos.Plan(jobs=100, gpus=3, rate=5.0, faults=["ws_drop", "worker_kill", "sim_kill", "redis_restart",
+                                                      "sentinel_failover"],
+                   first_fault=2.0, fault_every=4.0, deadline=60.0, watch=10.0, sentinel=True)
 
 
 # Before reconciliation and the Redis-outage work, runs of this test had 1 duplicated job (a prompt

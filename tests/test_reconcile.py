@@ -28,6 +28,8 @@ SUSPECTS = [
     ("the live worker dropped it", RUNNING, {"instance": "w1", "running": []}, True),
     ("the live worker dropped it before ComfyUI started it", HANDED, {"instance": "w1", "running": ["t9"]}, True),
     ("just taken: the heartbeat may predate it", {**HANDED, "handed_at": ago(1)}, None, False),
+    ("just taken, but a new process already took the queue", {**HANDED, "handed_at": ago(1)},
+     {"instance": "w2", "running": []}, True),
     ("waiting in Celery is not a taken job", {**RUNNING, "state": "waiting", "status": "queued"}, None, False),
     ("a finished job is settled", {**RUNNING, "state": "succeeded", "status": "succeeded"}, None, False),
 ]

@@ -46,10 +46,12 @@ from typing import Callable
 import redis
 import requests
 
-from common import keys
+from common import keys, redis_conn
 from common.apikeys import ANONYMOUS
+from common.settings import Settings
 from tests.support.fleet import Fleet
 from tests.support.procs import RedisServer, SimProcess, free_port, wait_until
+from tests.support.sentinel import SentinelGroup
 
 FINAL = ("succeeded", "failed", "cancelled")
 # Fast failover, so recovery fits a test's time (production: 2 s, 10 s, 60 s, 60 s).
@@ -85,6 +87,10 @@ class Plan:
     api_processes: int = 1
     submit_threads: int = 8
     seed: int = 14
+    # Redis as a master/replica pair watched by three Sentinels (REDIS_URL=sentinel://...); the
+    # master is called down after sentinel_down_ms, above redis_down so a restart is no failover.
+    sentinel: bool = False
+    sentinel_down_ms: int = 5000
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -150,7 +156,7 @@ def _sim_kill(chaos: "Chaos", n: int) -> dict:
     sim.kill()  # SIGKILL: its queue and history are gone
     time.sleep(chaos.plan.restart_after)
     sim.start(wait=True)  # same port, same journal
-    return {"target": f"simulator of {chaos.fleet.workers[index].queue} (:{sim.port})"}
+    return {"target": f"simulator of {chaos.fleet.workers[index].queue} (:{sim.port})", "port": sim.port}
 
 
 @fault("ws_drop")
@@ -168,19 +174,30 @@ def _ws_drop(chaos: "Chaos", n: int) -> dict:
 
 @fault("redis_restart")
 def _redis_restart(chaos: "Chaos", n: int) -> dict:
-    chaos.fleet.redis.kill()  # SIGKILL: no shutdown save; the AOF (fsync always) has every write
+    # With Sentinels: the current master, back on its AOF before they would call it down.
+    node = chaos.group.master() if chaos.group else chaos.fleet.redis
+    node.kill()  # SIGKILL: no shutdown save; the AOF (fsync always) has every write
     time.sleep(chaos.plan.redis_down)
-    chaos.fleet.redis.start(timeout=30)
-    return {"target": f"redis :{chaos.fleet.redis.port} (down {chaos.plan.redis_down:g} s, back on its AOF)"}
+    if chaos.group:
+        node.args = chaos.group.node_args()  # it is the master: it comes back as one
+    node.start(timeout=30)
+    return {"target": f"redis :{node.port} (down {chaos.plan.redis_down:g} s, back on its AOF)"}
 
 
 @fault("sentinel_failover")
 def _sentinel_failover(chaos: "Chaos", n: int) -> dict:
-    # Issue 14 item 3 (Redis Sentinel) is built separately. When it lands, this is the place:
-    # `Chaos.start` then runs a master, a replica and three Sentinels on loopback with REDIS_URL
-    # naming the Sentinels; here the master is SIGKILLed and the run waits for the Sentinels to
-    # promote the replica (then the old master is started again as a replica).
-    raise FaultUnavailable("Redis Sentinel support is not in this tree yet (issue 14, item 3)")
+    """SIGKILL the master; the Sentinels promote its replica; the old master comes back as the
+    new one's replica (a real failover of a master/replica pair, on loopback)."""
+    if chaos.group is None:
+        raise FaultUnavailable("the fleet runs without Sentinels (Plan.sentinel)")
+    old = chaos.group.master()
+    old.kill()
+    t0 = time.monotonic()
+    new = chaos.group.wait_failover(old.port, timeout=60)
+    promoted = time.monotonic() - t0
+    old.args = chaos.group.node_args(replica_of=new.port)
+    old.start(timeout=30)
+    return {"target": f"master :{old.port} killed; :{new.port} promoted after {promoted:.1f} s"}
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -215,8 +232,14 @@ class Chaos:
     # -- fleet ----------------------------------------------------------------------------------
     def start(self) -> None:
         plan, wd = self.plan, self.workdir
-        fleet = Fleet(workdir=wd, redis=RedisServer(port=free_port(), workdir=wd, durable=True),
-                      extra_env={**FAST_ENV, **plan.env})
+        self.group = None
+        if plan.sentinel:
+            self.group = SentinelGroup(wd / "redis", down_after_ms=plan.sentinel_down_ms, failover_timeout_ms=10_000,
+                                       durable=True, min_replica_lag=5)
+            store = self.group
+        else:
+            store = RedisServer(port=free_port(), workdir=wd, durable=True)
+        fleet = Fleet(workdir=wd, redis=store, extra_env={**FAST_ENV, **plan.env})
         self.fleet = fleet
         fleet.redis.start()
         for i in range(plan.gpus):
@@ -232,7 +255,8 @@ class Chaos:
         fleet.add_webhook_worker()
         fleet.wait_workers(timeout=60)
         fleet.start_api(processes=plan.api_processes)
-        self.redis = redis.Redis.from_url(fleet.redis.url, socket_timeout=5)
+        # The harness's own client follows the master as the fleet does.
+        self.redis = redis_conn.connect(Settings(REDIS_URL=fleet.redis.url), socket_timeout=5)
         wait_until(lambda: requests.get(fleet.url + "/readyz", timeout=2).status_code == 200, 30, what="/readyz")
 
     def stop(self) -> None:
@@ -397,7 +421,11 @@ class Chaos:
         return out
 
     def _boot_times(self) -> dict[int, list[float]]:
+        """When each simulator lost its history: killed (the fault's start) or booted again."""
         times = defaultdict(list)
+        for event in self.events:
+            if event["fault"] == "sim_kill" and "port" in event:
+                times[event["port"]].append(event["at"])
         for path in self.workdir.glob("record-*.jsonl"):
             port = int(path.stem.split("-")[1])
             for line in path.read_text().splitlines():

@@ -23,6 +23,11 @@ class SentinelGroup:
     master_name: str = MASTER_NAME
     down_after_ms: int = 1000  # a silent master is "down" after this; then the Sentinels vote
     failover_timeout_ms: int = 4000
+    durable: bool = False  # nodes keep an AOF (restartable on their data)
+    # A master refuses writes (NOREPLICAS) while no replica is in sync within this many seconds: a
+    # write it accepts is on the replica within that lag, so a failover loses at most that much
+    # (0: off, Redis' default).
+    min_replica_lag: int = 0
     nodes: list[RedisServer] = field(default_factory=list)
     sentinel_ports: list[int] = field(default_factory=list)
     sentinel_procs: list[subprocess.Popen] = field(default_factory=list)
@@ -32,9 +37,10 @@ class SentinelGroup:
         return "sentinel://" + ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports) + "/0"
 
     def start(self) -> "SentinelGroup":
-        master = RedisServer(port=free_port(), workdir=self._dir("master")).start()
-        replica = RedisServer(port=free_port(), workdir=self._dir("replica"),
-                              args=["--replicaof", "127.0.0.1", str(master.port)]).start()
+        master = RedisServer(port=free_port(), workdir=self._dir("master"), durable=self.durable,
+                             args=self.node_args()).start()
+        replica = RedisServer(port=free_port(), workdir=self._dir("replica"), durable=self.durable,
+                              args=self.node_args(replica_of=master.port)).start()
         self.nodes = [master, replica]
         wait_until(lambda: replica.client().info("replication")["master_link_status"] == "up", 10,
                    what="the replica in sync")
@@ -57,6 +63,12 @@ class SentinelGroup:
             wait_until(lambda: (state := sentinel.sentinel_master(self.master_name))["num-slaves"] >= 1
                        and state["num-other-sentinels"] >= 2, 20, interval=0.1, what=f"Sentinel {port} ready")
         return self
+
+    def node_args(self, replica_of: int | None = None) -> list[str]:
+        """A data node's options: a replica of `replica_of`, or a master."""
+        args = ["--min-replicas-to-write", "1", "--min-replicas-max-lag", str(self.min_replica_lag)] \
+            if self.min_replica_lag else []
+        return args + (["--replicaof", "127.0.0.1", str(replica_of)] if replica_of else [])
 
     def _dir(self, name: str) -> Path:
         folder = self.workdir / name
