@@ -12,6 +12,8 @@ import time
 
 import redis
 
+from common import metrics
+
 WORKERS = "cs:workers"
 
 # ARGV[1]: oldest last-seen time still alive. Returns flat triples per live worker:
@@ -50,6 +52,8 @@ class Registry:
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(worker_key(beat["queue"]), json.dumps(beat), px=int(self.ttl * 1000))
         pipe.zadd(WORKERS, {beat["queue"]: now})
+        # Its labels outlive the heartbeat: /metrics reports a dead worker under the same series.
+        pipe.hset(metrics.WORKER_LABELS, beat["queue"], json.dumps(metrics.worker_labels(beat)))
         pipe.execute()
 
     def withdraw(self, queue: str) -> None:
@@ -74,3 +78,4 @@ class Registry:
 
     def forget(self, queue: str) -> None:
         self.redis.zrem(WORKERS, queue)
+        self.redis.hdel(metrics.WORKER_LABELS, queue)
