@@ -11,7 +11,8 @@
 #   promtool, prometheus            alert rule unit tests; a real Prometheus against a live fleet
 #   amtool, alertmanager            Alertmanager routing tests; real alert delivery
 # For the built-fleet test (tests/test_built_fleet.py; it skips, saying why, without them):
-#   podman, runc, CNI plugins with dnsname, debootstrap (base images without a registry)
+#   podman, runc, CNI plugins with dnsname, catatonit (compose `init: true`), debootstrap (base
+#   images without a registry)
 # Not root, or no apt-get: nothing is installed; the script names the command to run and exits 1
 # when a required tool is missing.
 set -euo pipefail
@@ -34,6 +35,7 @@ fleet=(
   "/usr/lib/cni/bridge containernetworking-plugins"
   "/usr/lib/cni/dnsname golang-github-containernetworking-plugin-dnsname"
   "debootstrap debootstrap"
+  "/usr/libexec/podman/catatonit catatonit"
 )
 
 have() {
