@@ -84,7 +84,7 @@ build() {  # name dockerfile context image -- inputs...
   results+=("{\"image\": \"$image\", \"name\": \"$name\", \"state\": \"$state\", \"seconds\": $seconds, \"bytes\": $size, \"engine\": \"$engine\", \"offline\": $((offline)), \"hash\": \"$hash\"}")
 }
 
-code=(requirements.txt common workflows workers)
+code=(.dockerignore requirements.txt common workflows workers)
 build api Dockerfile.api . "$prefix/api:$tag" -- "${code[@]}" app
 build worker Dockerfile.worker . "$prefix/worker:$tag" -- "${code[@]}" comfyui_sim deploy/__init__.py \
   deploy/flower.py deploy/alertlog.py
