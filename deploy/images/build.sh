@@ -2,7 +2,7 @@
 # `make images`: build every image the project owns, with docker (when its daemon answers) or
 # podman.
 #
-#   deploy/images/build.sh [--offline] [--comfyui] [--report] [--engine docker|podman]
+#   deploy/images/build.sh [--offline] [--comfyui] [--fresh] [--report] [--engine docker|podman]
 #
 #   comfy-service/api:dev       Dockerfile.api
 #   comfy-service/worker:dev    Dockerfile.worker: the GPU worker, and in the same image the
@@ -17,17 +17,19 @@
 # --offline: no registry. The base images are made from Debian's archive first
 # (deploy/images/debian-base.sh) and every build runs with --pull=never; the normal path pulls
 # the official base images named in FROM, unchanged.
+# --fresh: build every image from scratch (--no-cache, no reuse): what --report should measure.
 # --report: write each image's size and build time to deploy/images/build-report.json and into
 # docs/deploy.md ("Image sizes and build times"), from this build (reused images keep their
 # last measured figures).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-offline=0 comfyui=0 report=0 engine="${CONTAINER_ENGINE:-}"
+offline=0 comfyui=0 fresh=0 report=0 engine="${CONTAINER_ENGINE:-}"
 while (($#)); do
   case "$1" in
     --offline) offline=1; shift ;;
     --comfyui) comfyui=1; shift ;;
+    --fresh) fresh=1; shift ;;
     --report) report=1; shift ;;
     --engine) engine="$2"; shift 2 ;;
     *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
@@ -48,6 +50,8 @@ if ((offline)); then
   pull=(--pull=never)
 fi
 fmt=()
+nocache=()
+((fresh)) && nocache=(--no-cache)
 [[ "$engine" == podman ]] && fmt=(--format docker)  # keep HEALTHCHECK (OCI images drop it)
 
 # sha256 over the files a build reads (its Dockerfile, requirements and the code it copies).
@@ -65,12 +69,12 @@ build() {  # name dockerfile context image -- inputs...
   local hash start seconds state
   hash="$(source_hash "$dockerfile" "$@")"
   local repo="${image%:*}"
-  if "$engine" image inspect "$repo:src-$hash" >/dev/null 2>&1; then
+  if ((!fresh)) && "$engine" image inspect "$repo:src-$hash" >/dev/null 2>&1; then
     "$engine" tag "$repo:src-$hash" "$image"
     state=reused seconds=null
   else
     start=$SECONDS
-    "$engine" build "${pull[@]}" "${fmt[@]}" -f "$dockerfile" -t "$image" -t "$repo:src-$hash" "$context"
+    "$engine" build "${pull[@]}" "${fmt[@]}" "${nocache[@]}" -f "$dockerfile" -t "$image" -t "$repo:src-$hash" "$context"
     seconds=$((SECONDS - start))
     state=built
   fi
