@@ -163,6 +163,8 @@ class BuiltFleet:
         self.compose_file = derived_compose(self.workdir, self.http_port, self.flower_port)
         self.compose("--profile", "sim", "up", "-d", *SERVICES, timeout=600)
         self.wait_ready()
+        replicas = [c for c in self.containers() if c.get("Labels", {}).get("com.docker.compose.service") == "api"]
+        assert len(replicas) == 2, f"two API replicas (deploy.replicas), found {[c['Names'] for c in replicas]}"
         self.timings["up"] = time.monotonic() - start
 
     def containers(self) -> list[dict]:
@@ -197,10 +199,21 @@ class BuiltFleet:
         return "\n".join(parts)
 
     def down(self) -> None:
+        """Everything goes: podman-compose 1.6's `down` leaves containers that others depend on, so
+        the project's pod, containers, network and volumes are removed by name and label after it."""
         if self.compose_file is not None:
             self.compose("down", "-v", "-t", "5", timeout=300, check=False)
-        for c in self.containers():  # whatever compose left behind
-            run(["podman", "rm", "-f", "-v", c["Names"][0]], check=False)
+        label = f"label=io.podman.compose.project={self.project}"
+        run(["podman", "pod", "rm", "-f", "-t", "5", f"pod_{self.project}"], check=False)
+        names = [c["Names"][0] for c in self.containers()]
+        if names:
+            run(["podman", "rm", "-f", "-v", "-t", "5", *names], check=False)
+        run(["podman", "network", "rm", "-f", f"{self.project}_default"], check=False)
+        volumes = run(["podman", "volume", "ls", "-q", "--filter", label], check=False).stdout.split()
+        if volumes:
+            run(["podman", "volume", "rm", "-f", *volumes], check=False)
+        left = [c["Names"][0] for c in self.containers()]
+        assert not left, f"containers left after tear-down: {left}"
 
 
 @pytest.fixture(scope="module")
