@@ -2,8 +2,10 @@
 
 Scripts and the CLI (`app/cli.py`) use it so that none of them re-implements the error
 document, the event stream's resume rules or image downloads. It needs only `requests`,
-`sseclient-py` and pydantic; results are pydantic models that keep fields they do not know
-(the task document grows), so an older client keeps working against a newer service.
+`sseclient-py` and pydantic. The task's documents (`Task`, `Progress`, `Image`, the events)
+are the service's own models from `common/documents.py`, the same classes the OpenAPI
+document is generated from; they keep fields they do not know and read statuses as plain
+strings, so an older client keeps working against a newer service.
 
     client = ComfyServiceClient("http://127.0.0.1:8080", api_key=key)
     task = client.generate(characters=[...], scenes=[...], seed=42)
@@ -28,9 +30,21 @@ import requests
 import sseclient
 from pydantic import BaseModel, ConfigDict, Field
 
+# The task's documents are the service's own definitions (they need only pydantic).
+from common.documents import (
+    FINAL_STATUSES, SSE_EVENTS, Callback, Document, Image, OutputEvent, Progress, ProgressEvent, QueuedEvent,
+    StartedEvent, Task, TaskError, TaskResult,
+)
+
+__all__ = [
+    "ApiError", "Callback", "ComfyServiceClient", "ComfyServiceError", "Event", "GpuInfo", "HostInfo", "Image",
+    "LogLine", "OutputEvent", "Progress", "ProgressEvent", "QueuedEvent", "ServiceUnreachable", "StartedEvent", "Task",
+    "TaskError", "TaskResult", "WaitTimeout", "Worker", "WorkflowInfo",
+]
+
 API = "/api/v1"
 DEFAULT_URL = "http://127.0.0.1:8080"
-FINAL = ("succeeded", "failed", "cancelled")
+FINAL = FINAL_STATUSES
 # A connection that breaks mid-stream raises one of these from the body iterator.
 _DROPS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
@@ -40,57 +54,6 @@ _DROPS = (requests.ConnectionError, requests.Timeout, requests.exceptions.Chunke
 class _Model(BaseModel):
     # Unknown fields are kept, not refused: the service adds fields without a new API version.
     model_config = ConfigDict(extra="allow")
-
-
-class Progress(_Model):
-    percent: float = 0.0
-    node: str | None = None
-    step: int = 0
-    max: int = 0
-
-
-class Image(_Model):
-    url: str
-    content_type: str = "application/octet-stream"
-    width: int | None = None
-    height: int | None = None
-    size: int | None = None
-
-
-class TaskResult(_Model):
-    images: list[Image] = Field(default_factory=list)
-
-
-class TaskError(_Model):
-    source: str
-    code: str
-    message: str = ""
-    details: dict[str, Any] = Field(default_factory=dict)
-
-
-class Task(_Model):
-    task_id: str
-    status: str  # queued | running | succeeded | failed | cancelled (a str: new states must not break old clients)
-    workflow: str | None = None
-    gpu: str | None = None
-    queue_position: int | None = None
-    progress: Progress | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    created_at: datetime | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    cancel_requested: bool = False
-    result: TaskResult | None = None
-    error: TaskError | None = None
-    callback: dict[str, Any] | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.status in FINAL
-
-    @property
-    def images(self) -> list[Image]:
-        return self.result.images if self.result else []
 
 
 class GpuInfo(_Model):
@@ -165,6 +128,12 @@ class Event(_Model):
     def task(self) -> Task:
         """The task document a final event carries."""
         return Task.model_validate(self.data)
+
+    def payload(self) -> Document | None:
+        """The data as its typed model (QueuedEvent, StartedEvent, ProgressEvent, OutputEvent, or
+        the Task of a final event); None for an event type this client does not know."""
+        model = SSE_EVENTS.get(self.type)
+        return None if model is None else model.model_validate(self.data)
 
 
 # -- Errors -------------------------------------------------------------------------------

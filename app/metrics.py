@@ -13,9 +13,8 @@ from flask import Blueprint, Response, current_app
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from common import metrics, webhooks
+from common import keys, metrics, webhooks
 from common.registry import WORKERS
-from common.task_store import queued_key
 
 blueprint = Blueprint("metrics", __name__)
 MIB = 1024 * 1024
@@ -37,12 +36,14 @@ class RedisCollector:
         pipe.hgetall(metrics.COUNTERS)
         pipe.get(metrics.LAST_SUCCESS)
         pipe.zrange(WORKERS, 0, -1, withscores=True)
-        pipe.hgetall(metrics.WORKER_LABELS)
+        pipe.hgetall(keys.KNOWN_WORKERS)
         for name in metrics.HISTOGRAMS:
             pipe.hgetall(metrics.histogram_key(name))
         for queue in known:
-            pipe.zcard(queued_key(queue))
-            pipe.zrange(queued_key(queue), 0, 0, withscores=True)
+            pipe.zcard(keys.waiting(queue))
+            pipe.zrange(keys.waiting(queue), 0, 0, withscores=True)
+            pipe.zcard(keys.handed(queue))
+            pipe.scard(keys.running(queue))
         results = pipe.execute()
         counters, last_success, seen, labels = results[0], results[1], results[2], results[3]
         histograms = dict(zip(metrics.HISTOGRAMS, results[4:4 + len(metrics.HISTOGRAMS)]))
@@ -117,15 +118,22 @@ class RedisCollector:
 
     @staticmethod
     def _queues(known: list[str], per_queue: list):
-        depth = GaugeMetricFamily("comfy_queue_depth", "Jobs waiting per GPU queue.", labels=["queue"])
+        depth = GaugeMetricFamily("comfy_queue_depth", "Jobs queued per GPU queue (in Celery or inside ComfyUI's "
+                                  "queue): status queued.", labels=["queue"])
         oldest = GaugeMetricFamily("comfy_queue_oldest_job_age_seconds",
-                                   "Age of the oldest job waiting per GPU queue (0 when none waits).", labels=["queue"])
+                                   "Age of the oldest job no worker has taken yet, per GPU queue (0 when none).",
+                                   labels=["queue"])
+        running = GaugeMetricFamily("comfy_jobs_running", "Jobs ComfyUI is executing, per GPU queue (from its "
+                                    "execution_start): status running.", labels=["queue"])
         now_ms = time.time() * 1000
-        for queue, count, first in zip(known, per_queue[::2], per_queue[1::2]):
-            depth.add_metric([queue], float(count))
+        for i, queue in enumerate(known):
+            waiting, first, handed, executing = per_queue[4 * i:4 * i + 4]
+            depth.add_metric([queue], float(waiting + handed))
             oldest.add_metric([queue], max(now_ms - first[0][1], 0) / 1000 if first else 0.0)
+            running.add_metric([queue], float(executing))
         yield depth
         yield oldest
+        yield running
 
     @staticmethod
     def _fleet(alive: list[dict], last_seen: dict[str, float], last_labels: dict[str, str]):

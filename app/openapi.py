@@ -1,8 +1,8 @@
-"""The OpenAPI 3.1 document served at /openapi.json (request schemas come from the workflows)."""
+"""The OpenAPI 3.2 document served at /openapi.json (request schemas come from the workflows)."""
 from __future__ import annotations
 
 from app.openapi_security import secure_document
-from common.webhooks import OPTIONAL_EVENTS
+from common.documents import CALLBACK_EVENTS, EVENT_ID_PATTERN, FINAL_STATUSES, SSE_EVENTS, Task, component_schemas
 from workflows.catalog import Workflow
 
 REF = "#/components/schemas/{model}"
@@ -19,69 +19,8 @@ def _task_response(description: str) -> dict:
 
 NULLABLE_STR = {"type": ["string", "null"]}
 
+# The task's documents come from their models (common/documents.py); the fleet's are described here.
 SCHEMAS = {
-    "Error": {
-        "type": "object", "required": ["error"], "additionalProperties": False,
-        "properties": {"error": {
-            "type": "object", "required": ["source", "code", "message", "details"],
-            "properties": {
-                "source": {"enum": ["service", "comfyui"], "description": "Who rejected or failed the request."},
-                "code": {"type": "string", "examples": ["invalid_parameters", "execution_error"]},
-                "message": {"type": "string"},
-                "details": {"type": "object", "description": (
-                    "invalid_parameters: errors [{field, message, type}]; ComfyUI validation: its error and "
-                    "node_errors as ComfyUI sent them; execution_error: node_id, node_type, exception_type, "
-                    "exception_message, traceback")},
-            }}},
-    },
-    "Progress": {
-        "type": ["object", "null"],
-        "properties": {"percent": {"type": "number", "minimum": 0, "maximum": 100}, "node": NULLABLE_STR,
-                       "step": {"type": "integer"}, "max": {"type": "integer"}},
-    },
-    "Image": {
-        "type": "object", "required": ["url", "content_type"],
-        "properties": {"url": {"type": "string"}, "content_type": {"type": "string"},
-                       "width": {"type": ["integer", "null"]}, "height": {"type": ["integer", "null"]},
-                       "size": {"type": ["integer", "null"]}},
-    },
-    "Task": {
-        "type": "object",
-        "required": ["task_id", "status", "workflow", "gpu", "queue_position", "progress", "params", "created_at",
-                     "started_at", "finished_at", "result", "error", "callback"],
-        "properties": {
-            "task_id": {"type": "string", "format": "uuid"},
-            "status": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
-            "workflow": {"type": "string"},
-            "gpu": {**NULLABLE_STR, "description": "The GPU queue (one ComfyUI) that runs or ran the job."},
-            "queue_position": {"type": ["integer", "null"], "minimum": 1,
-                               "description": "1 = the next job its GPU takes; null unless queued."},
-            "progress": {"$ref": "#/components/schemas/Progress"},
-            "params": {"type": "object", "description": "The parameters as used, the seed included."},
-            "created_at": {"type": "string", "format": "date-time"},
-            "started_at": {"type": ["string", "null"], "format": "date-time"},
-            "finished_at": {"type": ["string", "null"], "format": "date-time"},
-            "cancel_requested": {"type": "boolean"},
-            "result": {"type": ["object", "null"], "properties": {
-                "images": {"type": "array", "items": {"$ref": "#/components/schemas/Image"}}}},
-            "error": {"type": ["object", "null"], "description": "As in Error.error, when failed."},
-            "callback": {"$ref": "#/components/schemas/Callback"},
-        },
-    },
-    "Callback": {
-        "type": ["object", "null"],
-        "description": "The job's webhook (null without callback_url) and how its final delivery went.",
-        "properties": {
-            "url": {"type": "string"},
-            "events": {"type": "array", "items": {"enum": list(OPTIONAL_EVENTS)}},
-            "state": {"enum": ["pending", "retrying", "delivered", "failed"],
-                      "description": "Of the final document's delivery."},
-            "attempts": {"type": "integer", "minimum": 0},
-            "last_status": {"type": ["integer", "null"], "description": "The receiver's last HTTP status."},
-            "last_error": NULLABLE_STR,
-            "delivered_at": {"type": ["string", "null"], "format": "date-time"},
-        },
-    },
     "Worker": {
         "type": "object", "required": ["queue"],
         "description": "A live GPU worker's last heartbeat (every HEARTBEAT_INTERVAL s) plus its queue's backlog.",
@@ -96,7 +35,10 @@ SCHEMAS = {
             "gpu": {"type": "object", "description": "available, source (nvml, gputil, comfyui, none), name, "
                                                      "utilization, memory_used_mb, memory_total_mb, temperature_c."},
             "host_stats": {"type": "object", "description": "cpu_percent, ram_used_mb, ram_total_mb, load_avg_1m."},
-            "checkpoint": NULLABLE_STR, "rates": {"type": "object", "description": "Measured seconds per cost unit "
+            "checkpoint": NULLABLE_STR,
+            "checkpoints": {"type": ["array", "null"], "items": {"type": "string"},
+                            "description": "The checkpoints its ComfyUI offers (null until read)."},
+            "rates": {"type": "object", "description": "Measured seconds per cost unit "
                                                                                   "by workflow."},
             "started_at": {"type": "string"},
             "waiting": {"type": "integer", "minimum": 0, "description": "Jobs queued for it, not started."},
@@ -109,69 +51,83 @@ SCHEMAS = {
                        "default": {"type": "boolean", "description": "Used when the body names no workflow."},
                        "parameters": {"type": "object", "description": "JSON Schema of its request body."}},
     },
-    "QueuedEvent": {
-        "type": "object", "description": "SSE `queued`: logged (with an id) when the job is queued or moved to "
-                                         "another GPU; sent again without an id whenever its position changes.",
-        "properties": {"task_id": {"type": "string"}, "status": {"const": "queued"},
-                       "queue_position": {"type": ["integer", "null"], "minimum": 1}, "gpu": {"type": "null"}},
-    },
-    "StartedEvent": {
-        "type": "object", "description": "SSE `started`: a worker took the job (again, after a failover).",
-        "properties": {"task_id": {"type": "string"}, "status": {"const": "running"}, "gpu": {"type": "string"}},
-    },
-    "ProgressEvent": {
-        "type": "object", "description": "SSE `progress` (webhook `task.progress`): job-wide percent, the node "
-                                         "running and its step.",
-        "properties": {"task_id": {"type": "string"}, "percent": {"type": "number"}, "node": NULLABLE_STR,
-                       "step": {"type": "integer"}, "max": {"type": "integer"}},
-    },
-    "OutputEvent": {
-        "type": "object", "description": "SSE `output` (webhook `task.output`): one stored image, servable at url "
-                                         "from now on.",
-        "properties": {"task_id": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
-                       "url": {"type": "string"}, "content_type": {"type": "string"},
-                       "width": {"type": ["integer", "null"]}, "height": {"type": ["integer", "null"]},
-                       "size": {"type": "integer"}},
-    },
-    "WebhookEvent": {
-        "type": "object", "required": ["type", "timestamp", "data"],
-        "properties": {
-            "type": {"enum": [f"task.{kind}" for kind in ("succeeded", "failed", "cancelled", *OPTIONAL_EVENTS)]},
-            "timestamp": {"type": "string", "format": "date-time"},
-            "data": {"description": "task.succeeded/failed/cancelled/started: the Task document; task.progress: "
-                                    "a ProgressEvent; task.output: an OutputEvent."},
-        },
-    },
 }
 
 # Service fields of every generate body, beside the workflow's own parameters.
 CALLBACK_FIELDS = {
     "callback_url": {
-        "type": "string", "format": "uri", "maxLength": 2048,
+        "type": "string", "format": "uri", "maxLength": 2048, "pattern": "^https?://[!-\\[\\]-~]+$",
         "description": ("POST the final task document here, signed per Standard Webhooks (see `webhooks`). The "
                         "host must be on the service's WEBHOOK_ALLOWED_HOSTS (else 422 callback_not_allowed)."),
     },
     "callback_events": {
-        "type": "array", "uniqueItems": True, "maxItems": len(OPTIONAL_EVENTS),
-        "items": {"enum": list(OPTIONAL_EVENTS)},
+        "type": "array", "uniqueItems": True, "maxItems": len(CALLBACK_EVENTS),
+        "items": {"enum": list(CALLBACK_EVENTS)},
         "description": "Also POST these events (the final document is always sent). Needs callback_url.",
     },
 }
+CALLBACK_NEEDS_URL = {"callback_events": ["callback_url"]}
 SSE_DESCRIPTION = """\
 Server-Sent Events. The stream starts with `retry: 2000`, replays the job's events from the start (or after
 Last-Event-ID) and follows it live:
 
 - `queued` (QueuedEvent), `started` (StartedEvent), `progress` (ProgressEvent), `output` (OutputEvent), each
-  with an `id:`; queue-position updates repeat `queued` without an id;
-- one final `succeeded` | `failed` | `cancelled` whose data is the Task document; then the stream ends.
+  with an `id:`; `queued` is sent again without an id whenever the queue position or GPU changes;
+- one final `succeeded` | `failed` | `cancelled` whose data is the Task document (with that status); then the
+  stream ends.
 
-Comment lines (`: keep-alive`) every SSE_KEEPALIVE seconds while idle. Reconnect with the last `id:` seen as
-`Last-Event-ID` to resume without losing or repeating an event. A stream open SSE_MAX_SECONDS ends without a
-final event: reconnect the same way."""
+Each event's `data:` is one line of JSON. Comment lines (`: keep-alive`) every SSE_KEEPALIVE seconds while idle.
+Reconnect with the last `id:` seen as `Last-Event-ID` to resume without losing or repeating an event. A stream
+open SSE_MAX_SECONDS ends without a final event: reconnect the same way."""
+
+
+def _below_2_64() -> str:
+    """A regex for the decimal numbers Redis takes as a stream id part (0 … 2^64-1, 1–20 digits):
+    what the service accepts as Last-Event-ID, so the document and the 400 agree."""
+    limit = str(2**64 - 1)
+    branches = ["[0-9]{1,19}", "0[0-9]{19}"]
+    for index, digit in enumerate(limit):  # same prefix, a smaller digit here, anything after
+        if digit != "0":
+            low = "0" if index else "1"
+            branches.append(f"{limit[:index]}[{low}-{int(digit) - 1}][0-9]{{{len(limit) - index - 1}}}"
+                            if int(digit) - 1 >= int(low) else None)
+    branches.append(limit)
+    return "(?:" + "|".join(b for b in branches if b) + ")"
+
+
+LAST_EVENT_ID_PATTERN = f"^{_below_2_64()}-{_below_2_64()}$"
+
+
+def _sse_event(name: str, model: type) -> dict:
+    """One event as OpenAPI 3.2 describes a text/event-stream item: its fields as strings, `data`
+    holding JSON that matches the event's model."""
+    data = {"$ref": REF.format(model=model.__name__)}
+    if model is Task:  # a final event is named for the status its document has
+        data = {"allOf": [data, {"properties": {"status": {"const": name}}}]}
+    return {
+        "type": "object", "required": ["event", "data"],
+        "properties": {
+            "event": {"const": name},
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+            "id": {"type": "string", "pattern": EVENT_ID_PATTERN,
+                   "description": "Resume after this event with Last-Event-ID."},
+            "retry": {"type": "integer", "minimum": 0},
+        }}
+
+
+SSE_CONTENT = {
+    # Each event (an EventSource's view: event, data, id, retry)...
+    "itemSchema": {"oneOf": [_sse_event(name, model) for name, model in SSE_EVENTS.items()]},
+    # ...and the stream as a whole: at most one final event.
+    "schema": {"type": "array", "description": "The events in order; at most one final event, the last.",
+               "contains": {"type": "object", "required": ["event"],
+                            "properties": {"event": {"enum": list(FINAL_STATUSES)}}},
+               "minContains": 0, "maxContains": 1},
+}
 
 
 def openapi_document(catalog: dict[str, Workflow]) -> dict:
-    schemas = dict(SCHEMAS)
+    schemas = {**component_schemas(REF), **SCHEMAS}
     variants = []
     for name, workflow in catalog.items():
         schema = workflow.params_model.model_json_schema(ref_template=REF)
@@ -184,6 +140,7 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                      "description": "Pin the job to any GPU of this host."},
             **CALLBACK_FIELDS,
             **schema["properties"]}
+        schema["dependentRequired"] = CALLBACK_NEEDS_URL
         if name != "storydiffusion":
             schema.setdefault("required", []).insert(0, "workflow")
         model_name = f"Generate_{name}"
@@ -193,7 +150,7 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
     task_id = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
     not_found = _error_response("No task with this id.")
     document = secure_document({
-        "openapi": "3.1.0",
+        "openapi": "3.2.0",
         "info": {"title": "comfy-service", "version": "1.0.0",
                  "description": "Text-to-image jobs on a fleet of ComfyUI GPUs. Every error has the Error shape."},
         "paths": {
@@ -207,11 +164,15 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                     "415": _error_response("The body is not JSON."),
                     "422": _error_response(
                         "Unknown workflow (unknown_workflow) or invalid parameters (invalid_parameters: "
-                        "details.errors names each field); a callback the service will not call: webhooks_disabled "
+                        "details.errors names each field); a gpu or host pin naming nothing the fleet has ever "
+                        "registered (unknown_gpu: details.available lists its GPU queues and hosts); a checkpoint no GPU of the "
+                        "fleet has ever offered (unknown_checkpoint: details.available lists those offered); a "
+                        "callback the service will not call: webhooks_disabled "
                         "(no WEBHOOK_SECRET / WEBHOOK_ALLOWED_HOSTS here), invalid_callback_url, "
                         "callback_not_allowed (host not allowed), invalid_callback_events."),
                     "503": _error_response("Redis is down (broker_unavailable), no healthy GPU worker is available "
-                                           "(no_worker), or none matches the pin (gpu_unavailable)."),
+                                           "(no_worker, also when only GPUs that are down have its checkpoint, unless WAIT_FOR_GPUS), or "
+                                           "the pinned GPU or host is known but down (gpu_unavailable)."),
                 }}},
             "/api/v1/tasks/{task_id}": {
                 "parameters": [task_id],
@@ -232,13 +193,13 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                 "parameters": [task_id, {
                     "name": "Last-Event-ID", "in": "header", "required": False,
                     "description": "Resume after this event (what an EventSource sends when it reconnects).",
-                    "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}}, {
+                    "schema": {"type": "string", "pattern": LAST_EVENT_ID_PATTERN}}, {
                     "name": "last_event_id", "in": "query", "required": False,
                     "description": "The same, for clients that cannot set headers (the header wins).",
-                    "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"}}],
+                    "schema": {"type": "string", "pattern": LAST_EVENT_ID_PATTERN}}],
                 "responses": {
                     "200": {"description": "The event stream.",
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                            "content": {"text/event-stream": SSE_CONTENT}},
                     "204": {"description": "The job ended and Last-Event-ID is its final event: nothing more will "
                                            "come (an EventSource stops reconnecting)."},
                     "400": _error_response("Last-Event-ID is not an id this stream sends (invalid_last_event_id)."),
@@ -271,8 +232,11 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
             "/api/v1/workflows": {"get": {
                 "summary": "Workflows and their parameters as JSON Schema", "operationId": "listWorkflows",
                 "responses": {"200": {"description": "The workflows.", "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["workflows"], "properties": {"workflows": {
-                        "type": "array", "items": {"$ref": "#/components/schemas/WorkflowInfo"}}}}}}}}}},
+                    "type": "object", "required": ["workflows", "checkpoints"], "properties": {"workflows": {
+                        "type": "array", "items": {"$ref": "#/components/schemas/WorkflowInfo"}},
+                        "checkpoints": {"type": "array", "items": {"type": "string"}, "description": (
+                            "The checkpoints the live GPUs offer now (a `checkpoint` parameter no GPU ever offered "
+                            "is 422 unknown_checkpoint).")}}}}}}}}},
             "/api/v1/workers": {"get": {
                 "summary": "The live GPU workers (heartbeats)", "operationId": "listWorkers",
                 "responses": {"200": {"description": "The fleet.", "content": {"application/json": {"schema": {
@@ -309,5 +273,6 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
     })
     # The raw-graph variant (added by secure_document) takes the same service fields.
     raw = document["components"]["schemas"]["Generate_raw"]
-    document["components"]["schemas"]["Generate_raw"] = {**raw, "properties": {**raw["properties"], **CALLBACK_FIELDS}}
+    document["components"]["schemas"]["Generate_raw"] = {**raw, "properties": {**raw["properties"], **CALLBACK_FIELDS},
+                                                          "dependentRequired": CALLBACK_NEEDS_URL}
     return document

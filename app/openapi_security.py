@@ -70,7 +70,7 @@ OPEN_ROUTES = {
                                                "content": {"text/plain": {"schema": {"type": "string"}}}},
                                        "503": _error("Redis is down.")}}},
     "/openapi.json": {"get": {"summary": "This document", "operationId": "openapi",
-                              "responses": {"200": {"description": "OpenAPI 3.1.",
+                              "responses": {"200": {"description": "OpenAPI 3.2.",
                                                     "content": {"application/json": {"schema": {"type": "object"}}}}}}},
 }
 

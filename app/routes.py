@@ -13,10 +13,10 @@ from pydantic import ValidationError
 from app.errors import ServiceError, field_errors
 from app.security import current_caller, load_task, owns, task_not_found, valid_task_id
 from common.task_view import API, task_document
-from common.task_store import CANCELLED, FAILED, QUEUED, TERMINAL, now_iso
-from common.dispatch import JobSpec, choose
-from common.jobs import send
-from common import webhooks
+from common.task_store import QUEUED, TERMINAL, now_iso
+from common.dispatch import JobSpec, choose, healthy, known_checkpoints, waiting_queue
+from common.producer import send
+from common import events, keys, metrics, webhooks
 from workflows import raw
 from workflows.render import render, resolve_seed
 
@@ -88,13 +88,13 @@ def _json_body() -> dict:
     return body
 
 
-def _document(task_id: str) -> dict:
+def _document(task_id: str, record: dict | None = None) -> dict:
     svc = services()
-    record, progress = svc.read_task(task_id)
+    record = record or svc.store.get(task_id)
     if record is None:
         raise task_not_found(task_id)
     position = svc.store.queue_position(record["queue"], task_id) if record["status"] == QUEUED else None
-    return task_document(record, progress, position, svc.settings.public_url)
+    return task_document(record, position, svc.settings.public_url)
 
 
 def _accepted(task_id: str, replayed: bool = False):
@@ -114,7 +114,7 @@ def _idempotency_key(owner: str) -> str | None:
         raise ServiceError(400, "invalid_idempotency_key",
                            f"{IDEMPOTENCY_HEADER} must be 1 … 255 printable ASCII characters",
                            {"field": IDEMPOTENCY_HEADER})
-    return f"cs:idem:{owner}:{hashlib.sha256(value.encode()).hexdigest()}"
+    return keys.idempotency(owner, hashlib.sha256(value.encode()).hexdigest())
 
 
 def _replay(stored: str | bytes, fingerprint: str):
@@ -208,11 +208,25 @@ def generate():
         payload = {"graph": rendered.api, "ui": rendered.ui, "progress_repeats": rendered.progress_repeats}
 
     job = JobSpec(workflow=name, cost=rendered.cost, checkpoint=rendered.checkpoint, **pin)
+    known = _check_checkpoint_known(rendered.checkpoint) if rendered.checkpoint else None
     queue = choose(svc.registry.alive(), job)
+    waiting_reason = None
     if queue is None:
-        code, message = ("gpu_unavailable", f"no healthy GPU matches {pin}") if pin else (
-            "no_worker", "no healthy GPU worker is available for this workflow")
-        raise ServiceError(503, code, message, {"workflow": name, **pin}, headers={"Retry-After": "5"})
+        if pin:
+            _check_pin_known(pin)
+        if svc.settings.wait_for_gpus:  # GPUs come and go: wait for one that fits
+            queue = waiting_queue(known if known is not None else svc.registry.known(), job)
+            if queue is not None:
+                waiting_reason = (f"no live GPU can run it now ({_needs(job)}); it waits for {queue} or another "
+                                  "GPU that fits to come up")
+        if queue is None and pin:
+            raise ServiceError(503, "gpu_unavailable", f"no healthy GPU matches {pin}", {"workflow": name, **pin},
+                               headers={"Retry-After": "5"})
+        if queue is None:
+            message = (f"no healthy GPU worker with checkpoint {job.checkpoint!r} is available" if job.checkpoint
+                       else "no healthy GPU worker is available for this workflow")
+            raise ServiceError(503, "no_worker", message, {"workflow": name, "checkpoint": job.checkpoint},
+                               headers={"Retry-After": "5"})
     record = {
         "task_id": task_id, "status": QUEUED, "workflow": name, "queue": queue, "params": rendered.params,
         "owner": owner, "created_at": now_iso(), "created_ms": int(time.time() * 1000),
@@ -221,14 +235,17 @@ def generate():
     }
     if callback:
         record["callback"] = callback
+    if waiting_reason:
+        record["waiting_reason"] = waiting_reason
     idempotency = None
     if idem_key:
         ttl = min(IDEMPOTENCY_TTL, svc.settings.result_ttl)
         idempotency = (idem_key, json.dumps({"fingerprint": fingerprint, "task_id": task_id}), ttl)
     for _ in range(2):
-        outcome, info = svc.store.create(record, payload, max_active=svc.settings.max_active_jobs,
-                                         max_active_per_owner=svc.settings.max_active_jobs_per_key,
-                                         idempotency=idempotency)
+        created = svc.store.create(record, payload, max_active=svc.settings.max_active_jobs,
+                                   max_active_per_owner=svc.settings.max_active_jobs_per_key,
+                                   idempotency=idempotency)
+        outcome, info = created.outcome, created.info
         if outcome != "replay":
             break
         replay = _replay(info, fingerprint)  # a concurrent request with the same key won the race
@@ -249,9 +266,11 @@ def generate():
         # Never leave a queued record that no message will run (it would hold a job slot), nor an
         # Idempotency-Key that would replay it: the caller's retry must queue the job afresh.
         try:
-            svc.store.transition(task_id, allowed=(QUEUED,), status=FAILED, finished_at=now_iso(), error={
-                "source": "service", "code": "broker_unavailable", "message": "the job could not be queued",
-                "details": {}})
+            error = {"source": "service", "code": "broker_unavailable", "message": "the job could not be queued",
+                     "details": {}}
+            svc.store.apply("fail", task_id, queue=queue, owner=owner, fields={"finished_at": now_iso(),
+                            "error": error}, event={"queue": queue},
+                            metric_ops=metrics.finished_ops(record, "failed", error))
             if idem_key:
                 svc.redis.delete(idem_key)
         except Exception:  # noqa: BLE001 - Redis is down too: the original error says so
@@ -264,38 +283,79 @@ def generate():
 def get_task(task_id: str):
     svc = services()
     task_id = valid_task_id(task_id)
-    record, progress = svc.read_task(task_id)  # one round trip: the polling path
+    record = svc.store.get(task_id)  # one round trip (two while it waits: its place in line)
     if not owns(record):
         raise task_not_found(task_id)
-    position = svc.store.queue_position(record["queue"], task_id) if record["status"] == QUEUED else None
-    return jsonify(task_document(record, progress, position, svc.settings.public_url))
+    return jsonify(_document(task_id, record))
 
 
 @api.delete("/tasks/<task_id>")
 def cancel_task(task_id: str):
+    """Cancel: a job still in Celery ends at once and never reaches a GPU; one its worker has
+    is deleted from ComfyUI's queue or interrupted there, and this waits (CANCEL_WAIT_SECONDS
+    at most) on the job's event log for the final event: 200 when it came, else 202."""
     svc = services()
     task_id, record = load_task(task_id)
     if record["status"] in TERMINAL:
-        raise ServiceError(409, "task_finished", f"the task already ended: {record['status']}",
-                           {"task_id": task_id, "status": record["status"]})
-    if record["status"] == QUEUED:
-        # Still in Celery: mark it cancelled; the worker that takes the message drops it unrun.
-        applied, _ = svc.store.transition(task_id, allowed=(QUEUED,), status=CANCELLED, finished_at=now_iso(),
-                                          cancel_requested=True)
-        if applied:
-            return jsonify(_document(task_id))
-    # Submitted to ComfyUI: its worker deletes it from ComfyUI's queue or interrupts it.
-    svc.store.request_cancel(task_id)
-    deadline = time.monotonic() + CANCEL_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        record = svc.store.get(task_id)
-        if record and record["status"] in TERMINAL:
-            break
-        time.sleep(0.01)
+        raise _finished(task_id, record["status"])
+    result = svc.store.cancel(task_id, record)
+    if result.outcome == "finished":
+        raise _finished(task_id, str(result.state))
+    if result.outcome == "requested":
+        _wait_final(task_id, result.last_event or "0-0", CANCEL_WAIT_SECONDS)
     document = _document(task_id)
     response = jsonify(document)
     response.status_code = 200 if document["status"] in TERMINAL else 202
     return response
+
+
+def _finished(task_id: str, status: str) -> ServiceError:
+    return ServiceError(409, "task_finished", f"the task already ended: {status}",
+                        {"task_id": task_id, "status": status})
+
+
+def _wait_final(task_id: str, after: str, seconds: float) -> None:
+    """Block on the job's event log (XREAD BLOCK) until its final event or the deadline."""
+    svc = services()
+    client = svc.events_redis or svc.redis
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        for event in events.read(client, task_id, after, block_ms=max(int(left * 1000), 1)):
+            if event.type in events.FINAL:
+                return
+            after = event.id
+
+
+def _needs(job: JobSpec) -> str:
+    wants = [f"checkpoint {job.checkpoint}"] if job.checkpoint else []
+    wants += [f"{k} {v}" for k, v in (("gpu", job.gpu), ("host", job.host)) if v]
+    return ", ".join(wants) or "any GPU"
+
+
+def _check_checkpoint_known(checkpoint: str) -> dict:
+    """A checkpoint no GPU of the fleet has ever offered never reaches ComfyUI: 422 listing the
+    ones that were. Returns the fleet's known GPUs (their labels) for the caller to reuse."""
+    known = services().registry.known()
+    offered = known_checkpoints(known)
+    if offered and checkpoint not in offered:
+        raise ServiceError(422, "unknown_checkpoint",
+                           f"checkpoint: no GPU of this fleet has ever offered {checkpoint[:200]!r}",
+                           {"field": "checkpoint", "checkpoint": checkpoint, "available": sorted(offered)})
+    return known
+
+
+def _check_pin_known(pin: dict) -> None:
+    """A pin naming a GPU or host the fleet has never had is the caller's mistake (422), not a
+    GPU that is down now (503)."""
+    known = services().registry.known()
+    hosts = sorted({str(labels.get("host")) for labels in known.values() if labels.get("host")})
+    if "gpu" in pin and pin["gpu"] not in known:
+        raise ServiceError(422, "unknown_gpu", f"gpu: no GPU named {pin['gpu']!r} has ever joined this fleet",
+                           {"field": "gpu", "gpu": pin["gpu"], "available": {"gpus": sorted(known), "hosts": hosts}})
+    if "host" in pin and pin["host"] not in hosts:
+        raise ServiceError(422, "unknown_gpu", f"host: no GPU host named {pin['host']!r} has ever joined this fleet",
+                           {"field": "host", "host": pin["host"], "available": {"gpus": sorted(known),
+                                                                                "hosts": hosts}})
 
 
 IMAGE_INDEX = re.compile(r"^[0-9]{1,9}$")  # ASCII digits only; anything else names no image
@@ -321,11 +381,12 @@ def get_image(task_id: str, index: str):
 
 @api.get("/workflows")
 def list_workflows():
+    live = services().registry.alive()
     return jsonify({"workflows": [
         {"name": w.name, "title": w.title, "description": w.description, "default": w.name == DEFAULT_WORKFLOW,
          "parameters": w.json_schema()}
         for w in services().catalog.values()
-    ]})
+    ], "checkpoints": sorted({c for w in live for c in (w.get("checkpoints") or ())})})
 
 
 @api.get("/workers")
@@ -343,8 +404,13 @@ def readyz():
     svc = services()
     svc.redis.ping()
     workers = svc.registry.alive()
-    healthy = [w for w in workers if w.get("comfyui_ok")]
-    if not healthy:
-        reason = "no worker is alive" if not workers else "no worker's ComfyUI answers"
-        raise ServiceError(503, "not_ready", reason, {"workers": len(workers)})
-    return jsonify({"status": "ready", "workers": len(workers), "healthy": len(healthy)})
+    ready = [w for w in workers if healthy(w)]  # alive, ComfyUI answering, not draining: takes jobs
+    if not ready:
+        if not workers:
+            reason = "no worker is alive"
+        elif all(w.get("draining") for w in workers):
+            reason = "every live worker is draining"
+        else:
+            reason = "no live worker's ComfyUI answers"
+        raise ServiceError(503, "not_ready", reason, {"workers": len(workers), "healthy": 0})
+    return jsonify({"status": "ready", "workers": len(workers), "healthy": len(ready)})

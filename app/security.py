@@ -21,6 +21,8 @@ import uuid
 from dataclasses import dataclass
 
 import redis
+
+from common import keys
 from flask import Flask, current_app, g, request
 from flask_limiter import Limit, Limiter, RateLimitExceeded
 from limits import parse_many
@@ -146,7 +148,7 @@ def install(app: Flask, settings: Settings, client: redis.Redis) -> Limiter | No
         limiter = Limiter(
             _rate_key, app=app, storage_uri=settings.redis_url,
             storage_options={"connection_pool": client.connection_pool},  # the API's pool (app/services.py)
-            strategy="fixed-window", key_prefix="cs:ratelimit", headers_enabled=False,
+            strategy="fixed-window", key_prefix=keys.RATE_LIMIT_PREFIX, headers_enabled=False,
             # One budget over every /api/v1 route, and a tighter one on submissions.
             application_limits=[overall] if overall else [],
             application_limits_exempt_when=lambda: not _protected(),

@@ -1,7 +1,6 @@
 """The parts one API process talks to, made once at start-up."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import redis
@@ -10,9 +9,9 @@ from celery import Celery
 from common.registry import Registry
 from common.settings import Settings
 from common.storage import Storage, make_storage
-from common.task_store import TaskStore, task_key
+from common.producer import make_celery
+from common.task_store import TaskStore
 from common.webhooks import Notifier
-from workers.celery_app import make_celery
 from workflows.catalog import Workflow, load_catalog
 
 
@@ -33,7 +32,7 @@ class Services:
         # pool raises "Too many connections" past 100; these make a request wait for a free one.
         client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
             settings.redis_url, max_connections=settings.redis_max_connections, timeout=5, socket_timeout=5,
-            socket_connect_timeout=2, health_check_interval=30))
+            socket_connect_timeout=2, health_check_interval=30, client_name="comfy-api"))
         # Event streams wait in XREAD BLOCK, each holding a connection: a pool of their own, one
         # connection per stream the process admits, so they never starve ordinary requests.
         events_client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
@@ -44,18 +43,3 @@ class Services:
         store = TaskStore(client, settings.result_ttl, settings.events_ttl, notify=notifier.on_status)
         return cls(settings=settings, redis=client, store=store, registry=Registry(client, settings.heartbeat_ttl),
                    storage=make_storage(settings), celery=celery, catalog=load_catalog(), events_redis=events_client)
-
-    def read_task(self, task_id: str) -> tuple[dict | None, dict | None]:
-        """The record and the live progress the worker last wrote: one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(task_key(task_id))
-        pipe.get(self.celery.backend.get_key_for_task(task_id))
-        raw_record, raw_meta = pipe.execute()
-        record = {k.decode(): json.loads(v) for k, v in raw_record.items()} if raw_record else None
-        progress = None
-        if raw_meta:
-            meta = json.loads(raw_meta)
-            result = meta.get("result")
-            if meta.get("status") == "PROGRESS" and isinstance(result, dict):
-                progress = result.get("progress")
-        return record, progress

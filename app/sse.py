@@ -22,7 +22,8 @@ from flask import Blueprint, Response, current_app, request
 from app.errors import ServiceError
 from app.security import load_task
 from common import events
-from common.task_store import QUEUED, TERMINAL, task_key
+from common import keys
+from common.task_store import QUEUED, TERMINAL
 from common.task_view import task_document
 
 blueprint = Blueprint("events", __name__)
@@ -55,7 +56,7 @@ def _event_data(svc, task_id: str, event: events.Event) -> dict:
     if event.type == events.QUEUED:
         queue = event.data.get("queue")
         return {"task_id": task_id, "status": "queued", "queue_position": svc.store.queue_position(queue, task_id),
-                "gpu": None}
+                "gpu": event.data.get("gpu")}
     if event.type == events.STARTED:
         return {"task_id": task_id, "status": "running", "gpu": event.data.get("queue")}
     return {"task_id": task_id, **event.data}
@@ -63,7 +64,7 @@ def _event_data(svc, task_id: str, event: events.Event) -> dict:
 
 def _final(svc, task_id: str) -> dict | None:
     record = svc.store.get(task_id)
-    return None if record is None else task_document(record, None, None, svc.settings.public_url)
+    return None if record is None else task_document(record, None, svc.settings.public_url)
 
 
 class _Streams:
@@ -123,7 +124,7 @@ def _follow(svc, task_id: str, after: str):
     yield f"retry: {RETRY_MS}\n\n"
     deadline = time.monotonic() + settings.sse_max_seconds
     last_write = time.monotonic()
-    position: int | None = None
+    position: tuple | None = None  # (queue position, gpu) last sent
     while time.monotonic() < deadline:
         batch = events.read(svc.events_redis or svc.redis, task_id, after, block_ms=BLOCK_MS)
         for event in batch:
@@ -135,16 +136,16 @@ def _follow(svc, task_id: str, after: str):
                 return
             data = _event_data(svc, task_id, event)
             if event.type == events.QUEUED:
-                position = data["queue_position"]
+                position = (data["queue_position"], data["gpu"])
             yield frame(event.type, data, event.id)
             last_write = time.monotonic()
         if batch:
             continue
         # Nothing new for a second: is the job still there, still waiting, and where?
         pipe = svc.redis.pipeline(transaction=False)
-        pipe.hmget(task_key(task_id), "status", "queue", "final_event")
-        pipe.exists(events.events_key(task_id))
-        (status, queue, final_event), log_exists = pipe.execute()
+        pipe.hmget(keys.task(task_id), "status", "queue", "final_event", "gpu")
+        pipe.exists(keys.events(task_id))
+        (status, queue, final_event, gpu), log_exists = pipe.execute()
         if status is None:
             return  # the record expired: a reconnect gets the 404 that says so
         status, queue = json.loads(status), json.loads(queue)
@@ -158,11 +159,11 @@ def _follow(svc, task_id: str, after: str):
                 yield frame(status, document, final_id)
             return
         if status == QUEUED:
-            now = svc.store.queue_position(queue, task_id)
-            if now != position:
+            now = (svc.store.queue_position(queue, task_id), json.loads(gpu) if gpu else None)
+            if now != position:  # its place in line, or its GPU, changed: said without an id
                 position = now
-                yield frame(events.QUEUED, {"task_id": task_id, "status": "queued", "queue_position": now,
-                                            "gpu": None})
+                yield frame(events.QUEUED, {"task_id": task_id, "status": "queued", "queue_position": now[0],
+                                            "gpu": now[1]})
                 last_write = time.monotonic()
         if time.monotonic() - last_write >= settings.sse_keepalive:
             yield ": keep-alive\n\n"  # also how a dropped client is noticed

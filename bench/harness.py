@@ -21,6 +21,8 @@ import psutil
 import redis
 import requests
 
+from common import keys
+
 from tests.support.api import story
 from tests.support.fleet import Fleet, Proc
 from tests.support.procs import RedisServer, SimProcess, free_port, new_workdir, wait_until  # noqa: F401
@@ -115,7 +117,7 @@ class Stack:
 
     def record(self, task_id: str) -> dict:
         """The task record as the service keeps it in Redis (prompt id, queue, timestamps)."""
-        raw = self.redis.hgetall(f"cs:task:{task_id}")
+        raw = self.redis.hgetall(keys.task(task_id))
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
     def wait_records(self, task_ids: list[str], statuses=("succeeded", "failed", "cancelled"),
@@ -125,7 +127,7 @@ class Stack:
         while True:
             pipe = self.redis.pipeline(transaction=False)
             for task_id in task_ids:
-                pipe.hget(f"cs:task:{task_id}", "status")
+                pipe.hget(keys.task(task_id), "status")
             states = [json.loads(s) if s else None for s in pipe.execute()]
             if all(s in statuses for s in states):
                 return [self.record(t) for t in task_ids]

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 ORDER = [("overhead", 1), ("idle", 2), ("dispatch", 3), ("cancel", 4), ("throughput", 5), ("progress", 6),
-         ("scale", 7)]
+         ("scale", 7), ("commands", 8)]
 STAGES = {"celery_api": "in Celery → API shows cancelled", "pending_sim": "pending in ComfyUI → deleted there",
           "pending_api": "pending in ComfyUI → API shows cancelled", "running_interrupt": "running → interrupt reaches ComfyUI",
           "running_sim": "running → prompt stopped", "running_api": "running → API shows cancelled"}
@@ -345,7 +345,22 @@ def bottlenecks(results: dict) -> list[str]:
     return out or ["Every goal was met in this run."]
 
 
-SECTIONS = {"overhead": overhead, "idle": idle, "dispatch": dispatch, "cancel": cancel, "throughput": throughput,
+def commands(f: dict, docs: Path) -> list[str]:
+    v = f["value"]
+    rows = ["| who | commands | goal |", "|---|---|---|",
+            f"| GPU worker, per job (beyond progress and outputs) | {v['worker_per_job']} | ≤ {f['goals']['worker_per_job']} |",
+            f"| GPU worker, per stored image | {v['per_image']} | ≤ {f['goals']['per_image']} |",
+            f"| GPU worker, per progress update | {v['per_progress']} | ≤ {f['goals']['per_progress']} |",
+            f"| the worker's log writer, per job (batched across jobs) | {v['worker_log_commands_per_job']} | – |",
+            f"| the API, per job (submit) | {v['api_per_job']} | – |",
+            f"| Celery's transport, per job (naming the job) | {v['celery_transport_per_job']} | – |"]
+    per = ", ".join(f"`{k}` {n}" for k, n in v["worker_job_commands"].items())
+    return [*rows, "", f"{f['jobs']} jobs one after another, {f['progress_updates']} progress updates and "
+            f"{f['outputs']} outputs in their event logs (the baseline of what had to be written). The worker's "
+            f"per-job commands: {per}."]
+
+
+SECTIONS = {"commands": commands, "overhead": overhead, "idle": idle, "dispatch": dispatch, "cancel": cancel, "throughput": throughput,
             "progress": progress, "scale": scale}
 
 

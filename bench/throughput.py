@@ -20,6 +20,8 @@ import time
 
 import psutil
 
+from common import keys
+
 from bench import profiling
 from bench.harness import API, cpu_seconds, short_job, stack
 from common.registry import Registry
@@ -101,7 +103,7 @@ def _commands_per_submit(s, files, groups) -> dict:
     return {"submits": n, "commands": round(sum(c for _, c, _ in rows), 1),
             "redis_us": round(sum(us for _, _, us in rows), 1),
             "by_command": [{"command": k, "per_submit": round(c, 2), "usec_per_submit": round(us, 1)} for k, c, us in rows[:8]],
-            "jobs_waiting_after": s.redis.zcard(f"cs:queued:{QUEUE}")}
+            "jobs_waiting_after": s.redis.zcard(keys.waiting(QUEUE))}
 
 
 def _alive_us(s) -> dict:
@@ -112,7 +114,7 @@ def _alive_us(s) -> dict:
         registry.alive()
         times.append(time.perf_counter() - t0)
     times.sort()
-    return {"jobs_waiting": s.redis.zcard(f"cs:queued:{QUEUE}"), "p50_us": round(times[25] * 1e6, 1)}
+    return {"jobs_waiting": s.redis.zcard(keys.waiting(QUEUE)), "p50_us": round(times[25] * 1e6, 1)}
 
 
 def _profile(s, files, groups, runs) -> dict:

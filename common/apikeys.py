@@ -22,8 +22,10 @@ from datetime import datetime, timezone
 
 import redis
 
-KEYS_HASH = "cs:apikeys"
-NAMES_HASH = "cs:apikeys:names"
+from common import keys
+
+KEYS_HASH = keys.API_KEYS
+NAMES_HASH = keys.API_KEY_NAMES
 ANONYMOUS = "anonymous"
 # A name becomes part of Redis keys (cs:active:<name>) and of the rate-limit key: keep it plain.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")

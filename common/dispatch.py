@@ -30,14 +30,38 @@ def healthy(worker: dict) -> bool:
     return bool(worker.get("comfyui_ok")) and not worker.get("draining", False)
 
 
-def eligible(worker: dict, job: JobSpec) -> bool:
-    if not healthy(worker) or worker["queue"] in job.exclude:
-        return False
+def has_checkpoint(worker: dict, job: JobSpec) -> bool:
+    """The GPU's ComfyUI offers the job's checkpoint (a GPU that has not said yet is given the
+    benefit of the doubt: ComfyUI's own validation names a missing model)."""
+    offered = worker.get("checkpoints")
+    return not job.checkpoint or offered is None or job.checkpoint in offered
+
+
+def matches(worker: dict, job: JobSpec) -> bool:
+    """Pins and model: whether this GPU could ever run the job, healthy or not."""
     if job.gpu and worker["queue"] != job.gpu:
         return False
     if job.host and worker.get("host") != job.host:
         return False
-    return True
+    return has_checkpoint(worker, job)
+
+
+def eligible(worker: dict, job: JobSpec) -> bool:
+    return healthy(worker) and worker["queue"] not in job.exclude and matches(worker, job)
+
+
+def known_checkpoints(known: dict[str, dict]) -> set[str]:
+    """Every checkpoint any GPU the fleet has had offered (registry labels, kept after it left)."""
+    return {c for labels in known.values() for c in (labels.get("checkpoints") or ())}
+
+
+def waiting_queue(known: dict[str, dict], job: JobSpec) -> str | None:
+    """Where a job waits that no live GPU can take: the queue of the GPU the fleet had most
+    recently that could run it (an autoscaler brings that GPU, or another, back; the monitor
+    moves waiting jobs to a live GPU that fits). None when no GPU it ever had fits."""
+    fitting = [(labels.get("last_seen") or 0, queue) for queue, labels in known.items()
+               if matches({**labels, "queue": queue}, job)]
+    return max(fitting)[1] if fitting else None
 
 
 def measured_rate(worker: dict, workflow: str) -> float | None:

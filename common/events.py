@@ -1,9 +1,10 @@
 """Each job's event log: a Redis stream `cs:events:<task id>` that the event stream (SSE) and
 webhooks read.
 
-Status events (queued, started, succeeded, failed, cancelled) are appended by the task
-store's Lua scripts in the same step as the status change, so a stream can never show a
-status the record does not have, nor miss one. Workers append progress and output events.
+Every event is appended by the task store's transition script in the same step as the
+transition it reports (common/lifecycle.py names which): queued (submitted, taken by a GPU's
+worker, or moved), started (ComfyUI began executing), progress, output, and the final status.
+A stream can never show a state the record does not have, nor miss one.
 Stream ids (`<ms>-<seq>`) are the SSE event ids: a client that reconnects with
 Last-Event-ID reads on from exactly there.
 
@@ -19,16 +20,16 @@ from dataclasses import dataclass
 
 import redis
 
+from common import keys
+from common.lifecycle import FINAL
+
 QUEUED, STARTED, PROGRESS, OUTPUT = "queued", "started", "progress", "output"
-FINAL = ("succeeded", "failed", "cancelled")
 TYPES = (QUEUED, STARTED, PROGRESS, OUTPUT, *FINAL)
-# A bound on one job's log even if a worker reported progress far more often than it should.
-MAX_EVENTS = 10_000
 _ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 
 
 def events_key(task_id: str) -> str:
-    return f"cs:events:{task_id}"
+    return keys.events(task_id)
 
 
 def valid_id(value: str) -> bool:
@@ -47,21 +48,6 @@ class Event:
     id: str
     type: str
     data: dict
-
-
-def append(client: redis.Redis, task_id: str, kind: str, data: dict) -> str:
-    """Add a worker-side event (progress, output). XADD keeps the TTL the create script gave
-    the log; a log that had none (a job queued before logs existed) gets its record's."""
-    key = events_key(task_id)
-    pipe = client.pipeline(transaction=False)
-    pipe.xadd(key, {"type": kind, "data": json.dumps(data, separators=(",", ":"))}, maxlen=MAX_EVENTS,
-              approximate=True)
-    pipe.pttl(key)
-    event_id, ttl = pipe.execute()
-    if ttl == -1:
-        record_ttl = client.pttl(f"cs:task:{task_id}")
-        client.pexpire(key, record_ttl if record_ttl > 0 else 3_600_000)
-    return event_id.decode() if isinstance(event_id, bytes) else event_id
 
 
 def _decode(entries) -> list[Event]:

@@ -55,11 +55,13 @@ from pathlib import Path
 
 from loguru import logger
 
+from common import keys
+
 # Fields of a record that tie it to a job; shown on every line that has them.
 CONTEXT_KEYS = ("task_id", "prompt_id", "queue")
 
 # Per-job log lines in Redis (see workers/joblogs.py): a capped list per task, same TTL as the record.
-JOB_LOG_PREFIX = "cs:logs:"
+JOB_LOG_PREFIX = keys.logs("")
 JOB_LOG_MAX_LINES = 2000
 
 

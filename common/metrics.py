@@ -1,7 +1,8 @@
 """Job metrics kept in Redis, so every API process and worker host adds to the same figures.
 
 Counters and histogram buckets are Redis hash fields, incremented once per job event by the
-process whose state change applied (the task store calls `job_submitted` / `job_finished`).
+process whose state change applied: the task store's scripts apply them in the same step as
+the transition (`submitted_field`, `finished_ops`).
 `/metrics` turns them into Prometheus families at scrape time (`app/metrics.py`); gauges
 (queue depth, GPUs, workers, ComfyUI up) come from the fleet registry at the same moment.
 """
@@ -12,11 +13,10 @@ import time
 
 import redis
 
-COUNTERS = "cs:metrics:counters"
-LAST_SUCCESS = "cs:metrics:last_success"
-# queue -> JSON of the labels its last heartbeat gave (host, ComfyUI URL, GPU name): kept after
-# the heartbeat expires, so a dead worker's series keeps the labels it had alive.
-WORKER_LABELS = "cs:metrics:worker_labels"
+from common import keys
+
+COUNTERS = keys.METRIC_COUNTERS
+LAST_SUCCESS = keys.METRIC_LAST_SUCCESS
 
 # Every (source, code) a job can fail with. `/metrics` exports each, per known workflow, from 0:
 # Prometheus' increase() only counts from a series' first sample, so a counter that appeared at
@@ -24,6 +24,8 @@ WORKER_LABELS = "cs:metrics:worker_labels"
 # tests/test_metrics_series.py checks this list against the codes the code base can produce.
 KNOWN_FAILURES = (
     ("service", "broker_unavailable"),
+    ("service", "collect_failed"),
+    ("service", "job_dropped"),
     ("service", "job_timeout"),
     ("service", "payload_missing"),
     ("service", "worker_lost"),
@@ -41,11 +43,6 @@ KNOWN_FAILURES = (
 # Outcomes of a webhook attempt (workers/webhooks.py); the event types are common/webhooks.py's.
 WEBHOOK_OUTCOMES = ("delivered", "retrying", "failed", "rejected")
 
-
-def worker_labels(beat: dict) -> dict:
-    """The labels a worker's series carry, from its heartbeat."""
-    return {"host": str(beat.get("host") or ""), "comfyui_url": str(beat.get("comfyui_url") or ""),
-            "gpu": str((beat.get("gpu") or {}).get("name") or "")}
 # Seconds; GPU jobs run from seconds to many minutes, service overhead in milliseconds.
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 OVERHEAD_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -58,17 +55,17 @@ HISTOGRAMS = {
 
 
 def histogram_key(name: str) -> str:
-    return f"cs:metrics:hist:{name}"
+    return keys.metric_histogram(name)
 
 
-def _observe(pipe, name: str, workflow: str, seconds: float) -> None:
+def _observe(ops: list, name: str, workflow: str, seconds: float) -> None:
     buckets = HISTOGRAMS[name]
     index = bisect.bisect_left(buckets, seconds)
     le = str(buckets[index]) if index < len(buckets) else "+Inf"
     key = histogram_key(name)
-    pipe.hincrby(key, f"{workflow}|{le}", 1)  # per bucket here; cumulated when exported
-    pipe.hincrbyfloat(key, f"{workflow}|sum", seconds)
-    pipe.hincrby(key, f"{workflow}|count", 1)
+    ops.append(("hincrby", key, f"{workflow}|{le}", 1))  # per bucket here; cumulated when exported
+    ops.append(("hincrbyfloat", key, f"{workflow}|sum", repr(float(seconds))))
+    ops.append(("hincrby", key, f"{workflow}|count", 1))
 
 
 def webhook_attempt(client: redis.Redis, kind: str, outcome: str) -> None:
@@ -77,29 +74,35 @@ def webhook_attempt(client: redis.Redis, kind: str, outcome: str) -> None:
     client.hincrby(COUNTERS, f"webhook|{kind}|{outcome}", 1)
 
 
-def job_submitted(pipe, workflow: str) -> None:
-    pipe.hincrby(COUNTERS, f"submitted|{workflow}", 1)
+def submitted_field(workflow: str) -> str:
+    return f"submitted|{workflow}"
 
 
-def job_finished(client: redis.Redis, record: dict, status: str, error: dict | None = None) -> None:
-    """Count a job's final state and observe its timings (called once, by whoever ended it)."""
+def finished_ops(record: dict, status: str, error: dict | None = None, *, started_ms: float | None = None,
+                 finished_ms: float | None = None, now_ms: float | None = None) -> list[tuple]:
+    """What a job's final state adds to the figures, as operations the task store's transition
+    script applies in the same step as the change (so a job is counted once, by whoever ended
+    it): its final-state counter and its timings (pure)."""
     workflow = record.get("workflow", "unknown")
-    now_ms = time.time() * 1000
-    pipe = client.pipeline(transaction=False)
+    now_ms = time.time() * 1000 if now_ms is None else now_ms
+    ops: list[tuple] = []
     if status == "failed":
         error = error or {}
-        pipe.hincrby(COUNTERS, f"failed|{workflow}|{error.get('source', 'service')}|{error.get('code', 'unknown')}", 1)
+        ops.append(("hincrby", COUNTERS, f"failed|{workflow}|{error.get('source', 'service')}|"
+                                         f"{error.get('code', 'unknown')}", 1))
     else:
-        pipe.hincrby(COUNTERS, f"{status}|{workflow}", 1)
+        ops.append(("hincrby", COUNTERS, f"{status}|{workflow}", 1))
     if status == "succeeded":
-        pipe.set(LAST_SUCCESS, now_ms / 1000)
-    created, started, ended = record.get("created_ms"), record.get("comfy_started_ms"), record.get("comfy_finished_ms")
+        ops.append(("set", LAST_SUCCESS, "", repr(now_ms / 1000)))
+    created = record.get("created_ms")
+    started = started_ms or record.get("comfy_started_ms")
+    ended = finished_ms or record.get("comfy_finished_ms")
     if created:
         end_to_end = max(now_ms - created, 0) / 1000
-        _observe(pipe, "end_to_end", workflow, end_to_end)
+        _observe(ops, "end_to_end", workflow, end_to_end)
         if started and ended and status == "succeeded":
             wait, run = max(started - created, 0) / 1000, max(ended - started, 0) / 1000
-            _observe(pipe, "queue_wait", workflow, wait)
-            _observe(pipe, "run", workflow, run)
-            _observe(pipe, "overhead", workflow, max(end_to_end - wait - run, 0.0))
-    pipe.execute()
+            _observe(ops, "queue_wait", workflow, wait)
+            _observe(ops, "run", workflow, run)
+            _observe(ops, "overhead", workflow, max(end_to_end - wait - run, 0.0))
+    return ops

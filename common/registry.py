@@ -1,9 +1,13 @@
-"""The fleet registry: each worker's heartbeat in Redis, read back in one round trip.
+"""The fleet registry: each worker's heartbeat in Redis, read back in two round trips.
 
-A worker writes `cs:worker:<queue>` (JSON, with a TTL) and its last-seen time in the
-`cs:workers` sorted set. A worker whose heartbeat expired is not alive, whatever it last said.
-Reading the fleet (for dispatch or `GET /workers`) is one Lua call, however large the fleet:
-every live heartbeat plus its queue's backlog (jobs waiting, cost of jobs waiting or running).
+A worker writes its heartbeat (`keys.worker`, JSON, with a TTL), its last-seen time in
+`keys.WORKERS`, and its labels (host, GPU index, ComfyUI URL, GPU name) in `keys.KNOWN_WORKERS`,
+which outlives the heartbeat: a dead worker's alert still names its host, a pin naming a GPU or
+host the fleet has never had is told apart from one that is down now, and the checkpoints of
+GPUs scaled away are remembered. A worker whose
+heartbeat expired is not alive, whatever it last said. Reading the fleet (dispatch,
+`GET /workers`) is one read of the live queues, then one pipeline for their heartbeats and
+backlogs: jobs waiting (in Celery or inside ComfyUI) and the total cost the task store keeps.
 """
 from __future__ import annotations
 
@@ -12,70 +16,68 @@ import time
 
 import redis
 
-from common import metrics
+from common import keys
 
-WORKERS = "cs:workers"
-
-# ARGV[1]: oldest last-seen time still alive. Returns flat triples per live worker:
-# heartbeat JSON, jobs waiting, total cost waiting or running (as a string: Lua numbers
-# would be truncated to integers on the way out).
-_ALIVE = """
-local names = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
-local out = {}
-for _, name in ipairs(names) do
-  local beat = redis.call('GET', 'cs:worker:' .. name)
-  if beat then
-    local load = 0
-    for _, cost in ipairs(redis.call('HVALS', 'cs:load:' .. name)) do load = load + tonumber(cost) end
-    out[#out + 1] = beat
-    out[#out + 1] = redis.call('ZCARD', 'cs:queued:' .. name)
-    out[#out + 1] = tostring(load)
-  end
-end
-return out
-"""
+WORKERS = keys.WORKERS
+LABELS = ("host", "gpu_index", "comfyui_url", "checkpoints")
 
 
-def worker_key(queue: str) -> str:
-    return f"cs:worker:{queue}"
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class Registry:
     def __init__(self, client: redis.Redis, ttl: float):
         self.redis = client
         self.ttl = ttl
-        self._alive = client.register_script(_ALIVE)
 
     def publish(self, beat: dict) -> None:
         now = time.time()
         beat = {**beat, "ts": now}
+        labels = {k: beat.get(k) for k in LABELS}
+        labels["gpu_name"] = (beat.get("gpu") or {}).get("name")
+        labels["last_seen"] = now
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(worker_key(beat["queue"]), json.dumps(beat), px=int(self.ttl * 1000))
+        pipe.set(keys.worker(beat["queue"]), json.dumps(beat), px=int(self.ttl * 1000))
         pipe.zadd(WORKERS, {beat["queue"]: now})
-        # Its labels outlive the heartbeat: /metrics reports a dead worker under the same series.
-        pipe.hset(metrics.WORKER_LABELS, beat["queue"], json.dumps(metrics.worker_labels(beat)))
+        pipe.hset(keys.KNOWN_WORKERS, beat["queue"], json.dumps(labels, sort_keys=True))
         pipe.execute()
 
     def withdraw(self, queue: str) -> None:
         """A worker leaving for good (warm shutdown done): it is dead at once, not after its TTL."""
-        self.redis.delete(worker_key(queue))
+        self.redis.delete(keys.worker(queue))
 
     def alive(self) -> list[dict]:
         """Live workers' heartbeats, each with `waiting` (jobs not started) and `load`
         (cost units waiting or running on it)."""
-        flat = self._alive(keys=[WORKERS], args=[time.time() - self.ttl])
+        names = [_text(q) for q in self.redis.zrangebyscore(WORKERS, time.time() - self.ttl, "+inf")]
+        if not names:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.get(keys.worker(name))
+            pipe.zcard(keys.waiting(name))
+            pipe.zcard(keys.handed(name))
+            pipe.get(keys.load(name))
+        replies = pipe.execute()
         workers = []
-        for beat, waiting, load in zip(flat[::3], flat[1::3], flat[2::3]):
+        for i, _ in enumerate(names):
+            beat, waiting, handed, load = replies[4 * i:4 * i + 4]
+            if beat is None:
+                continue
             record = json.loads(beat)
-            record["waiting"] = int(waiting)
-            record["load"] = float(load)
+            record["waiting"] = int(waiting) + int(handed)
+            record["load"] = max(int(load or 0), 0) / 1000
             workers.append(record)
         return workers
 
     def known_queues(self) -> list[str]:
-        """Every GPU queue that ever sent a heartbeat (alive or not)."""
-        return [q.decode() for q in self.redis.zrange(WORKERS, 0, -1)]
+        """Every GPU queue that ever sent a heartbeat and was not forgotten (alive or not)."""
+        return [_text(q) for q in self.redis.zrange(WORKERS, 0, -1)]
+
+    def known(self) -> dict[str, dict]:
+        """Every GPU queue the fleet has ever had → its last heartbeat's labels."""
+        return {_text(q): json.loads(v) for q, v in self.redis.hgetall(keys.KNOWN_WORKERS).items()}
 
     def forget(self, queue: str) -> None:
         self.redis.zrem(WORKERS, queue)
-        self.redis.hdel(metrics.WORKER_LABELS, queue)

@@ -54,8 +54,20 @@ class Settings(BaseSettings):
     heartbeat_ttl: float = Field(10.0, gt=0, validation_alias="HEARTBEAT_TTL")
     # Failover: how often one job may be started (a worker crash or a lost ComfyUI counts).
     max_attempts: int = Field(3, ge=1, le=20, validation_alias="MAX_ATTEMPTS")
+    # A job its worker does not account for (not in its heartbeat's running list) is checked
+    # against its ComfyUI once it has been taken this long (common/reconcile.py).
+    reconcile_grace: float = Field(5.0, gt=0, validation_alias="RECONCILE_GRACE")
+    # Workers wait out a Redis outage this long before a job's state change gives up (the
+    # prompt keeps running meanwhile; its result is recorded once Redis is back).
+    redis_outage_tolerance: float = Field(120.0, ge=0, validation_alias="REDIS_OUTAGE_TOLERANCE")
     comfyui_unreachable_deadline: float = Field(60.0, gt=0, validation_alias="COMFYUI_UNREACHABLE_DEADLINE")
     comfyui_stall_timeout: float = Field(60.0, gt=0, validation_alias="COMFYUI_STALL_TIMEOUT")
+
+    # How often a worker re-reads the checkpoints its ComfyUI has (GET /object_info), for its heartbeat.
+    checkpoints_refresh: float = Field(60.0, gt=0, validation_alias="CHECKPOINTS_REFRESH")
+    # A fleet whose GPUs come and go (an autoscaler, scale to zero): a job that no live GPU can take
+    # but one the fleet has had could waits for it (queued on that GPU) instead of a 503.
+    wait_for_gpus: bool = Field(False, validation_alias="WAIT_FOR_GPUS")
 
     # Jobs.
     job_timeout: float = Field(3600.0, gt=0, validation_alias="JOB_TIMEOUT", description="Longest run on ComfyUI.")

@@ -1,221 +1,333 @@
-"""Task records in Redis: the one truth the API shows, written by the API and the workers.
+"""Task records in Redis, changed only by the transitions common/lifecycle.py declares.
 
-A record is a Redis hash whose fields are JSON values. Every status change goes through one
-Lua script that checks the current status (and, for a worker's start, the queue) first, so a
-cancel and a start cannot both win, a job moved to another GPU cannot also start on the old
-one, and a terminal record never changes again (a job delivered twice shows one result).
+A record is a Redis hash of JSON values (`keys.task`). One Lua script applies any transition:
+it checks the record's state against the transition's sources (from the table, passed in), the
+queue the caller expects, and for owned transitions the worker instance, then in the same step
+- moves the job between its queue's indexes (waiting / handed / running, `common/keys.py`) and
+  keeps the queue's total cost (`keys.load`) as a running total;
+- appends the transition's event to the job's event log (`keys.events`), so the event stream
+  and webhooks see exactly the transitions the record went through;
+- on a final state: leaves the active sets (job caps), expires the event log and payload after
+  EVENTS_TTL, owes a final webhook (`keys.WEBHOOKS_PENDING`) and counts the job's metrics.
+A finished record never changes again; a cancel and a worker's hand-over cannot both win.
 
-The same script keeps the per-queue indexes that dispatch and failover read:
-- `cs:queued:<queue>`  sorted set of waiting jobs (score: enqueue time) → queue position;
-- `cs:running:<queue>` set of jobs a worker of that queue has started;
-- `cs:load:<queue>`    hash job → cost of every job waiting or running there (backlog).
-The rendered graphs a job runs live beside the record in `cs:payload:<id>` (kept EVENTS_TTL
-once the job ended).
-Both scripts also append the status change to the job's event log (common/events.py), in the
-same step, so the event stream and webhooks see exactly the transitions the record went through.
-
-And the active-job sets the submission caps count (MAX_ACTIVE_JOBS, MAX_ACTIVE_JOBS_PER_KEY):
-`cs:active` and `cs:active:<owner>` hold every job not yet finished. A job enters them in the
-create script (which checks the caps and creates in one step, so concurrent submits cannot
-overshoot) and leaves them in the transition script when it reaches a terminal status,
-whichever path gets it there (cancel, success, failure, failover giving up).
+Every key a script touches comes in KEYS, built by common/keys.py.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable
 
 import redis
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
-from common import metrics
+from common import keys, lifecycle, metrics
+from common.lifecycle import State, Status
 
 log = logging.getLogger("comfy.tasks")
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-CANCEL_CHANNEL = "cs:cancel"
+# Public statuses, for callers that compare a record's status.
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (str(s) for s in Status)
+TERMINAL = frozenset(str(s) for s in lifecycle.FINAL_STATUSES)
+CANCEL_CHANNEL = keys.CANCEL_CHANNEL
+MAX_EVENTS = 10_000  # a bound on one job's log even if a worker reported progress too often
 
-# KEYS[1] task hash. ARGV: [1] JSON list of allowed current statuses (JSON-encoded strings;
-# "[]" = any non-terminal), [2] new status (JSON-encoded, "" = keep), [3] new queue (plain,
-# "" = keep), [4] queue the caller requires the job to be on ("" = any), [5] now in ms,
-# [6] worker instance the caller requires to own the job (JSON-encoded, "" = any),
-# [7] seconds a finished job's event log is kept, then field/value pairs.
-# Returns {applied (0/1), status before (JSON) or '', the record's callback (JSON) or ''}.
+# KEYS: [1] task, [2] events, [3] payload, [4] webhooks pending, [5] active (service),
+# [6] active (owner), [7-10] the queue the job is on: waiting, handed, running, load,
+# [11-14] the queue it goes to (the same keys when it stays), [15..] metric keys.
+# ARGV: [1] task id, [2] JSON list of source states ([] = the job must not exist: never here),
+# [3] target state ('' = stay), [4] target status, [5] event type ('' = none), [6] event data
+# JSON, [7] queue the job must be on ('' = any), [8] queue it goes to, [9] worker instance that
+# must own it when handed or running ('' = no check), [10] owner, [11] now ms, [12] seconds a
+# finished job's log is kept, [13] MAXLEN of the log, [14] '1': return the record and payload,
+# [15] number of metric operations N, then N × (op, key index, field, value), then the record's
+# field/value pairs to set (JSON values).
+# Returns {applied, state before, callback JSON, event id, cancel requested, record, payload}.
 _TRANSITION = """
-local key = KEYS[1]
-local current = redis.call('HGET', key, 'status')
-if not current then return {0, ''} end
-local allowed = cjson.decode(ARGV[1])
-local ok = false
-if #allowed == 0 then
-  ok = current ~= '"succeeded"' and current ~= '"failed"' and current ~= '"cancelled"'
+local raw_state = redis.call('HGET', KEYS[1], 'state')
+local state
+if raw_state then
+  state = cjson.decode(raw_state)
 else
-  for _, s in ipairs(allowed) do if current == s then ok = true end end
+  local status = redis.call('HGET', KEYS[1], 'status')
+  if not status then return {0, '', '', '', '0', false, false} end
+  status = cjson.decode(status)
+  if status == 'queued' then state = 'waiting' else state = status end
 end
-local queue = cjson.decode(redis.call('HGET', key, 'queue'))
-if ok and ARGV[4] ~= '' and ARGV[4] ~= queue then ok = false end
-if ok and ARGV[6] ~= '' and ARGV[6] ~= redis.call('HGET', key, 'worker') then ok = false end
-if not ok then return {0, current, ''} end
-local id = string.sub(key, 9)
-local status = ARGV[2]
-if status ~= '' then
-  local target = queue
-  if ARGV[3] ~= '' then target = ARGV[3] end
-  if current == '"queued"' then redis.call('ZREM', 'cs:queued:' .. queue, id) end
-  if current == '"running"' then redis.call('SREM', 'cs:running:' .. queue, id) end
-  local cost = redis.call('HGET', key, 'cost') or '1'
-  if target ~= queue then redis.call('HDEL', 'cs:load:' .. queue, id) end
-  if status == '"queued"' then
-    redis.call('ZADD', 'cs:queued:' .. target, ARGV[5], id)
-    redis.call('HSET', 'cs:load:' .. target, id, cost)
-  elseif status == '"running"' then
-    redis.call('SADD', 'cs:running:' .. target, id)
-    redis.call('HSET', 'cs:load:' .. target, id, cost)
-  else
-    redis.call('HDEL', 'cs:load:' .. target, id)
-    local owner = redis.call('HGET', key, 'owner')
-    owner = owner and cjson.decode(owner) or 'anonymous'
-    redis.call('SREM', 'cs:active', id)
-    redis.call('SREM', 'cs:active:' .. owner, id)
-  end
-  redis.call('HSET', key, 'status', status, 'queue', cjson.encode(target))
-  local kind = cjson.decode(status)
-  if kind == 'running' then kind = 'started' end
-  local events = 'cs:events:' .. id
-  local event = redis.call('XADD', events, 'MAXLEN', '~', 10000, '*', 'type', kind,
-                          'data', cjson.encode({queue = target, from_queue = queue}))
-  if kind == 'succeeded' or kind == 'failed' or kind == 'cancelled' then
-    -- The record remembers its final event's id: a stream read after the log expired still
-    -- tells a client that saw it (Last-Event-ID) from one that did not.
-    redis.call('HSET', key, 'final_event', cjson.encode(event))
-    redis.call('EXPIRE', events, tonumber(ARGV[7]))
-    -- Nothing runs the graphs again (failover is over): keep them as briefly as the events.
-    local payload = 'cs:payload:' .. id
-    if redis.call('TTL', payload) > tonumber(ARGV[7]) then redis.call('EXPIRE', payload, tonumber(ARGV[7])) end
-    -- A final webhook is owed from now until the webhook worker settles it: if the message
-    -- queueing it is lost (a process dies right after this script), the monitor sends it again.
-    local callback = redis.call('HGET', key, 'callback')
-    if callback and callback ~= 'null' then redis.call('ZADD', 'cs:webhooks:pending', ARGV[5], id) end
-  else
-    local ttl = redis.call('PTTL', key)
-    if ttl > 0 then redis.call('PEXPIRE', events, ttl) end
-  end
+local ok = false
+for _, s in ipairs(cjson.decode(ARGV[2])) do if s == state then ok = true end end
+local queue = cjson.decode(redis.call('HGET', KEYS[1], 'queue'))
+if ok and ARGV[7] ~= '' and ARGV[7] ~= queue then ok = false end
+if ok and ARGV[9] ~= '' and (state == 'handed' or state == 'running') then
+  local worker = redis.call('HGET', KEYS[1], 'worker')
+  if not worker or cjson.decode(worker) ~= ARGV[9] then ok = false end
 end
-if #ARGV > 7 then redis.call('HSET', key, unpack(ARGV, 8)) end
-return {1, current, redis.call('HGET', key, 'callback') or ''}
+local cancel = redis.call('HGET', KEYS[1], 'cancel_requested')
+cancel = (cancel == 'true') and '1' or '0'
+if not ok then return {0, state, '', '', cancel, false, false} end
+local id, target, now = ARGV[1], ARGV[3], tonumber(ARGV[11])
+local final = target == 'succeeded' or target == 'failed' or target == 'cancelled'
+if target ~= '' then
+  local function leave(s)
+    if s == 'waiting' then redis.call('ZREM', KEYS[7], id)
+    elseif s == 'handed' then redis.call('ZREM', KEYS[8], id)
+    elseif s == 'running' then redis.call('SREM', KEYS[9], id) end
+  end
+  leave(state)
+  local cost = math.floor(tonumber(redis.call('HGET', KEYS[1], 'cost') or '1') * 1000 + 0.5)
+  local moved = ARGV[8] ~= queue
+  if final or moved then redis.call('DECRBY', KEYS[10], cost) end
+  if not final then
+    if moved then redis.call('INCRBY', KEYS[14], cost) end
+    if target == 'waiting' then redis.call('ZADD', KEYS[11], now, id)
+    elseif target == 'handed' then redis.call('ZADD', KEYS[12], now, id)
+    elseif target == 'running' then redis.call('SADD', KEYS[13], id) end
+  end
+  redis.call('HSET', KEYS[1], 'state', cjson.encode(target), 'status', cjson.encode(ARGV[4]),
+             'queue', cjson.encode(ARGV[8]))
+end
+local n = tonumber(ARGV[15])
+local i = 16
+for _ = 1, n do
+  local op, key, f, v = ARGV[i], KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], ARGV[i + 3]
+  if op == 'hincrby' then redis.call('HINCRBY', key, f, v)
+  elseif op == 'hincrbyfloat' then redis.call('HINCRBYFLOAT', key, f, v)
+  elseif op == 'set' then redis.call('SET', key, v) end
+  i = i + 4
+end
+if #ARGV >= i then redis.call('HSET', KEYS[1], unpack(ARGV, i)) end
+local event = ''
+if ARGV[5] ~= '' then
+  event = redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[13]), '*', 'type', ARGV[5], 'data', ARGV[6])
+end
+if final then
+  redis.call('SREM', KEYS[5], id)
+  redis.call('SREM', KEYS[6], id)
+  local ttl = tonumber(ARGV[12])
+  -- The record remembers its final event's id: a stream read after the log expired still
+  -- tells a client that saw it (Last-Event-ID) from one that did not.
+  if event ~= '' then redis.call('HSET', KEYS[1], 'final_event', cjson.encode(event)) end
+  redis.call('EXPIRE', KEYS[2], ttl)
+  -- Nothing runs the graphs again: keep them as briefly as the events.
+  if redis.call('TTL', KEYS[3]) > ttl then redis.call('EXPIRE', KEYS[3], ttl) end
+  -- A final webhook is owed from now until the webhook worker settles it (the monitor re-sends).
+  local callback = redis.call('HGET', KEYS[1], 'callback')
+  if callback and callback ~= 'null' then redis.call('ZADD', KEYS[4], now, id) end
+elseif event ~= '' then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+end
+local record, payload = false, false
+if ARGV[14] == '1' then
+  record = redis.call('HGETALL', KEYS[1])
+  payload = redis.call('GET', KEYS[3])
+end
+return {1, state, redis.call('HGET', KEYS[1], 'callback') or '', event, cancel, record, payload}
 """
 
-
-# Creating a job, atomically with its admission checks.
-# KEYS: [1] task hash, [2] payload, [3] cs:queued:<queue>, [4] cs:load:<queue>, [5] cs:active,
-# [6] cs:active:<owner>, [7] (optional) the caller's idempotency key.
-# ARGV: [1] record TTL s, [2] payload JSON, [3] enqueue time ms, [4] cost, [5] task id,
-# [6] cap overall (0 = none), [7] cap per owner (0 = none), [8] idempotency value,
-# [9] idempotency TTL s, then the record's field/value pairs.
-# Returns {1} created, {2, value} the idempotency key already names a task (nothing created),
+# Creating a job (the `submit` transition), atomically with its admission checks.
+# KEYS: [1] task, [2] payload, [3] events, [4] waiting, [5] load (the job's queue), [6] active,
+# [7] active (owner), [8] metric counters, [9] (optional) the caller's idempotency key.
+# ARGV: [1] record TTL s, [2] payload JSON, [3] enqueue time ms, [4] cost in thousandths,
+# [5] task id, [6] cap overall (0 = none), [7] cap per owner (0 = none), [8] idempotency value,
+# [9] idempotency TTL s, [10] event data JSON, [11] MAXLEN, [12] counter field, then the
+# record's field/value pairs.
+# Returns {1} created, {2, value} the idempotency key names a task already (nothing created),
 # {3, scope, active, cap} a cap is reached (nothing created).
 _CREATE = """
-local function terminal(s)
-  return (not s) or s == '"succeeded"' or s == '"failed"' or s == '"cancelled"'
-end
--- A member whose record expired or ended without passing the transition script (it should
--- not happen) would hold a slot forever: prune such members when the cap is reached, at most
--- every few seconds per set.
-local function full(set, cap)
-  if cap <= 0 then return false end
-  if redis.call('SCARD', set) < cap then return false end
-  if redis.call('SET', set .. ':pruned', '1', 'NX', 'EX', 5) then
-    for _, id in ipairs(redis.call('SMEMBERS', set)) do
-      if terminal(redis.call('HGET', 'cs:task:' .. id, 'status')) then redis.call('SREM', set, id) end
-    end
-  end
-  return redis.call('SCARD', set) >= cap
-end
-if #KEYS >= 7 then
-  local existing = redis.call('GET', KEYS[7])
+if #KEYS >= 9 then
+  local existing = redis.call('GET', KEYS[9])
   if existing then return {2, existing} end
 end
 local owner_cap, total_cap = tonumber(ARGV[7]), tonumber(ARGV[6])
-if full(KEYS[6], owner_cap) then return {3, 'key', redis.call('SCARD', KEYS[6]), owner_cap} end
-if full(KEYS[5], total_cap) then return {3, 'service', redis.call('SCARD', KEYS[5]), total_cap} end
+if owner_cap > 0 and redis.call('SCARD', KEYS[7]) >= owner_cap then
+  return {3, 'key', redis.call('SCARD', KEYS[7]), owner_cap}
+end
+if total_cap > 0 and redis.call('SCARD', KEYS[6]) >= total_cap then
+  return {3, 'service', redis.call('SCARD', KEYS[6]), total_cap}
+end
 local ttl = tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 10))
+redis.call('HSET', KEYS[1], unpack(ARGV, 13))
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
-redis.call('HSET', KEYS[4], ARGV[5], ARGV[4])
-redis.call('SADD', KEYS[5], ARGV[5])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
+redis.call('INCRBY', KEYS[5], ARGV[4])
 redis.call('SADD', KEYS[6], ARGV[5])
-if #KEYS >= 7 then redis.call('SET', KEYS[7], ARGV[8], 'EX', tonumber(ARGV[9])) end
-local events = 'cs:events:' .. ARGV[5]
-redis.call('XADD', events, 'MAXLEN', '~', 10000, '*', 'type', 'queued',
-           'data', cjson.encode({queue = string.sub(KEYS[3], 11)}))
-redis.call('EXPIRE', events, ttl)
+redis.call('SADD', KEYS[7], ARGV[5])
+redis.call('HINCRBY', KEYS[8], ARGV[12], 1)
+if #KEYS >= 9 then redis.call('SET', KEYS[9], ARGV[8], 'EX', tonumber(ARGV[9])) end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', tonumber(ARGV[11]), '*', 'type', 'queued', 'data', ARGV[10])
+redis.call('EXPIRE', KEYS[3], ttl)
 return {1}
 """
 
-ACTIVE = "cs:active"
+# Where a job stands in its GPU's line. KEYS: [1] waiting, [2] handed, [3] running of its queue.
+# ARGV: [1] task id. Returns the number of jobs ahead of it (running ones included), or -1 when
+# it no longer waits there.
+_POSITION = """
+local rank = redis.call('ZRANK', KEYS[2], ARGV[1])
+if rank then return redis.call('SCARD', KEYS[3]) + rank end
+rank = redis.call('ZRANK', KEYS[1], ARGV[1])
+if rank then return redis.call('SCARD', KEYS[3]) + redis.call('ZCARD', KEYS[2]) + rank end
+return -1
+"""
 
-
-def active_key(owner: str | None = None) -> str:
-    return f"{ACTIVE}:{owner}" if owner else ACTIVE
+# The webhook worker's record of a final delivery. KEYS: [1] task, [2] webhooks pending.
+# ARGV: [1] task id, [2] delivery state JSON, [3] '' = settled, else when to look again (ms).
+_WEBHOOK_STATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'webhook', ARGV[2]) end
+if ARGV[3] == '' then redis.call('ZREM', KEYS[2], ARGV[1]) else redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) end
+return 1
+"""
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def task_key(task_id: str) -> str:
-    return f"cs:task:{task_id}"
-
-
-def payload_key(task_id: str) -> str:
-    return f"cs:payload:{task_id}"
-
-
-def queued_key(queue: str) -> str:
-    return f"cs:queued:{queue}"
-
-
-def running_key(queue: str) -> str:
-    return f"cs:running:{queue}"
-
-
-def load_key(queue: str) -> str:
-    return f"cs:load:{queue}"
+def _json(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _encode(fields: dict) -> list[str]:
     flat: list[str] = []
     for name, value in fields.items():
-        flat += [name, json.dumps(value, separators=(",", ":"))]
+        flat += [name, _json(value)]
     return flat
 
 
-def decode_record(raw: dict) -> dict:
-    return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def decode_record(raw) -> dict:
+    """A record from HGETALL (a dict) or from a script (a flat list)."""
+    if isinstance(raw, list):
+        raw = dict(zip(raw[::2], raw[1::2]))
+    return {_text(k): json.loads(v) for k, v in raw.items()}
+
+
+def cost_units(cost) -> int:
+    """A job's cost as the integer the queue totals keep (thousandths of a unit)."""
+    return int(round(float(cost if cost is not None else 1.0) * 1000))
 
 
 # Called after a status change of a job that has a callback: (task id, new status, callback).
 Notify = Callable[[str, str, dict], None]
 
 
+@dataclass
+class Outcome:
+    """What a transition did. `before` is the state the job was in (None: no such job)."""
+    applied: bool
+    before: State | None
+    callback: dict | None = None
+    event_id: str | None = None
+    cancel_requested: bool = False
+    record: dict | None = None
+    payload: dict | None = None
+
+    def __bool__(self) -> bool:
+        return self.applied
+
+
+@dataclass
+class Created:
+    outcome: str  # created | replay | full
+    info: object = None
+
+
+@dataclass
+class CancelResult:
+    """What a cancel request did: `cancelled` (it never reached a GPU), `requested` (its worker
+    will delete or interrupt it), `finished` (it had already ended), `missing`."""
+    outcome: str
+    state: State | None = None
+    last_event: str | None = None
+
+
+@dataclass
+class _Call:
+    keys: list[str] = field(default_factory=list)
+
+
+# What a Redis outage looks like to a client: the server is gone, restarting, or loading its AOF.
+OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
 class TaskStore:
-    def __init__(self, client: redis.Redis, ttl: int, events_ttl: int = 3600, notify: Notify | None = None):
+    def __init__(self, client: redis.Redis, ttl: int, events_ttl: int = 3600, notify: Notify | None = None,
+                 outage_tolerance: float = 0.0):
         self.redis = client
         self.ttl = ttl
         self.events_ttl = events_ttl
         self.notify = notify  # webhooks (common/webhooks.py); None: this process sends none
+        # Workers wait out a Redis outage this long (REDIS_OUTAGE_TOLERANCE) before a transition
+        # gives up; the API does not wait (0): its caller gets a 503 at once.
+        self.outage_tolerance = outage_tolerance
         self._transition = client.register_script(_TRANSITION)
         self._create = client.register_script(_CREATE)
+        self._position = client.register_script(_POSITION)
+        self._webhook_state = client.register_script(_WEBHOOK_STATE)
 
+    # Reading ------------------------------------------------------------------------------------
+    def get(self, task_id: str) -> dict | None:
+        raw = self.redis.hgetall(keys.task(task_id))
+        return decode_record(raw) if raw else None
+
+    def exists(self, task_id: str) -> bool:
+        return bool(self.redis.exists(keys.task(task_id)))
+
+    def get_many(self, task_ids: Iterable[str]) -> list[dict | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hgetall(keys.task(task_id))
+        return [decode_record(raw) if raw else None for raw in pipe.execute()]
+
+    def payload(self, task_id: str) -> dict | None:
+        raw = self.redis.get(keys.payload(task_id))
+        return json.loads(raw) if raw else None
+
+    def queue_position(self, queue: str, task_id: str) -> int | None:
+        """How many jobs are ahead of this one on its GPU, the running one included (0: it is
+        next); None when it no longer waits there."""
+        ahead = int(self._position(keys=[keys.waiting(queue), keys.handed(queue), keys.running(queue)],
+                                   args=[task_id]))
+        return None if ahead < 0 else ahead
+
+    def waiting(self, queue: str) -> list[str]:
+        """Jobs waiting in Celery for this GPU, oldest first."""
+        return [_text(m) for m in self.redis.zrange(keys.waiting(queue), 0, -1)]
+
+    def handed(self, queue: str) -> list[str]:
+        """Jobs this GPU's worker took and queued in its ComfyUI, in the order it took them."""
+        return [_text(m) for m in self.redis.zrange(keys.handed(queue), 0, -1)]
+
+    def running(self, queue: str) -> list[str]:
+        return sorted(_text(m) for m in self.redis.smembers(keys.running(queue)))
+
+    def taken(self, queue: str) -> list[str]:
+        """Jobs a worker of this queue has (handed or running)."""
+        return [*self.handed(queue), *self.running(queue)]
+
+    def active_count(self, owner: str | None = None) -> int:
+        """Jobs not yet finished: of `owner`, or of the whole service."""
+        return int(self.redis.scard(keys.active(owner)))
+
+    def last_event_id(self, task_id: str) -> str:
+        entries = self.redis.xrevrange(keys.events(task_id), count=1)
+        return _text(entries[0][0]) if entries else "0-0"
+
+    # Creating -----------------------------------------------------------------------------------
     def create(self, record: dict, payload: dict, *, max_active: int = 0, max_active_per_owner: int = 0,
-               idempotency: tuple[str, str, int] | None = None) -> tuple[str, object]:
-        """Store a new queued job: its record, the graphs it runs, its place in its queue and in
-        the active sets of its owner (`record["owner"]`, default anonymous) and of the service.
+               idempotency: tuple[str, str, int] | None = None) -> Created:
+        """The `submit` transition: store a new waiting job, its graphs, its place in its queue
+        and in the active sets of its owner (`record["owner"]`) and of the service.
 
         One script checks and creates, so nothing is created when
         - `idempotency` = (key, value, ttl) is given and that key exists: ("replay", its value);
@@ -224,88 +336,156 @@ class TaskStore:
         """
         task_id, queue = record["task_id"], record["queue"]
         owner = record.setdefault("owner", "anonymous")
-        keys = [task_key(task_id), payload_key(task_id), queued_key(queue), load_key(queue), active_key(),
-                active_key(owner)]
+        record = {**record, "state": str(State.WAITING), "status": QUEUED}
+        call_keys = [keys.task(task_id), keys.payload(task_id), keys.events(task_id), keys.waiting(queue),
+                     keys.load(queue), keys.active(), keys.active(owner), keys.METRIC_COUNTERS]
         idem_value, idem_ttl = "", 0
         if idempotency is not None:
             idem_key, idem_value, idem_ttl = idempotency
-            keys.append(idem_key)
-        result = self._create(keys=keys, args=[
-            self.ttl, json.dumps(payload, separators=(",", ":")), int(time.time() * 1000),
-            json.dumps(record.get("cost", 1.0)), task_id, int(max_active), int(max_active_per_owner),
-            idem_value, int(idem_ttl), *_encode(record)])
-        outcome = int(result[0])
-        if outcome == 2:
-            value = result[1]
-            return "replay", value.decode() if isinstance(value, bytes) else value
-        if outcome == 3:
-            scope = result[1].decode() if isinstance(result[1], bytes) else result[1]
-            return "full", {"scope": scope, "active": int(result[2]), "limit": int(result[3])}
-        metrics.job_submitted(self.redis, record["workflow"])
-        return "created", None
+            call_keys.append(idem_key)
+        args = [self.ttl, _json(payload), int(time.time() * 1000), cost_units(record.get("cost")), task_id,
+                int(max_active), int(max_active_per_owner), idem_value, int(idem_ttl), _json({"queue": queue}),
+                MAX_EVENTS, metrics.submitted_field(record["workflow"]), *_encode(record)]
+        for attempt in range(2):
+            result = self._create(keys=call_keys, args=args)
+            outcome = int(result[0])
+            if outcome == 2:
+                return Created("replay", _text(result[1]))
+            if outcome == 3:
+                info = {"scope": _text(result[1]), "active": int(result[2]), "limit": int(result[3])}
+                # A member whose record expired without a final transition would hold a slot for
+                # good: prune such members once, then ask again.
+                if attempt == 0 and self._prune(keys.active(owner) if info["scope"] == "key" else keys.active()):
+                    continue
+                return Created("full", info)
+            return Created("created")
+        return Created("full", info)
 
-    def active_count(self, owner: str | None = None) -> int:
-        """Jobs not yet finished: of `owner`, or of the whole service."""
-        return int(self.redis.scard(active_key(owner)))
+    def _prune(self, set_key: str) -> int:
+        if not self.redis.set(keys.pruned(set_key), "1", nx=True, ex=5):
+            return 0
+        members = [_text(m) for m in self.redis.smembers(set_key)]
+        records = self.get_many(members)
+        gone = [m for m, r in zip(members, records) if r is None or r.get("status") in TERMINAL]
+        return int(self.redis.srem(set_key, *gone)) if gone else 0
 
-    def payload(self, task_id: str) -> dict | None:
-        raw = self.redis.get(payload_key(task_id))
-        return json.loads(raw) if raw else None
+    # Transitions --------------------------------------------------------------------------------
+    def apply(self, name: str, task_id: str, *, queue: str, owner: str = "anonymous", to_queue: str | None = None,
+              instance: str | None = None, fields: dict | None = None, event: dict | None = None,
+              metric_ops: list[tuple] = (), want_record: bool = False, wait_out_outage: bool = True) -> Outcome:
+        """Apply lifecycle transition `name` (see `_apply`), waiting out a Redis outage of up to
+        `outage_tolerance` seconds with exponential backoff. A transition whose reply was lost
+        with the connection may have applied: a retry refused because the job is already where
+        this transition takes it, and owned by `instance`, counts as applied."""
+        call = functools.partial(self._apply, name, task_id, queue=queue, owner=owner, to_queue=to_queue,
+                                 instance=instance, fields=fields, event=event, metric_ops=metric_ops,
+                                 want_record=want_record)
+        if not wait_out_outage or self.outage_tolerance <= 0:
+            return call()
+        retried = False
+        for attempt in Retrying(retry=retry_if_exception_type(OUTAGE_ERRORS), reraise=True,
+                                stop=stop_after_delay(self.outage_tolerance),
+                                wait=wait_exponential_jitter(initial=0.1, max=5.0),
+                                before_sleep=lambda state: log.warning(
+                                    "task %s: Redis unavailable for %s (%s); retrying", task_id, name,
+                                    state.outcome.exception())):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    retried = True
+                outcome = call()
+        if retried and not outcome.applied:
+            outcome = self._applied_before(name, task_id, instance, outcome, want_record)
+        return outcome
 
-    def get(self, task_id: str) -> dict | None:
-        raw = self.redis.hgetall(task_key(task_id))
-        return decode_record(raw) if raw else None
+    def _applied_before(self, name: str, task_id: str, instance: str | None, outcome: Outcome,
+                        want_record: bool) -> Outcome:
+        spec = lifecycle.transition(name)
+        record = self.get(task_id)
+        if record is None or instance is None or record.get("worker") != instance:
+            return outcome
+        if spec.target is not None and lifecycle.state_of(record) == spec.target:
+            log.info("task %s: %s had applied before the connection was lost", task_id, name)
+            payload = self.payload(task_id) if want_record else None
+            return Outcome(True, outcome.before, record.get("callback"), None, bool(record.get("cancel_requested")),
+                           record if want_record else None, payload)
+        return outcome
 
-    def get_many(self, task_ids: Iterable[str]) -> list[dict | None]:
-        pipe = self.redis.pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.hgetall(task_key(task_id))
-        return [decode_record(raw) if raw else None for raw in pipe.execute()]
+    def _apply(self, name: str, task_id: str, *, queue: str, owner: str = "anonymous", to_queue: str | None = None,
+               instance: str | None = None, fields: dict | None = None, event: dict | None = None,
+               metric_ops: list[tuple] = (), want_record: bool = False) -> Outcome:
+        """Apply lifecycle transition `name` to a job that is on `queue` (else refused).
 
-    def queue_position(self, queue: str, task_id: str) -> int | None:
-        """1 = the next job this GPU takes; None when the job no longer waits."""
-        rank = self.redis.zrank(queued_key(queue), task_id)
-        return None if rank is None else rank + 1
-
-    def waiting(self, queue: str) -> list[str]:
-        return [m.decode() for m in self.redis.zrange(queued_key(queue), 0, -1)]
-
-    def running(self, queue: str) -> list[str]:
-        return sorted(m.decode() for m in self.redis.smembers(running_key(queue)))
-
-    def transition(self, task_id: str, allowed: Iterable[str] = (), status: str | None = None,
-                   queue: str | None = None, on_queue: str | None = None, owner: str | None = None,
-                   **fields) -> tuple[bool, str | None]:
-        """Move a job to `status` (and `queue`) if its status is one of `allowed` (default: any
-        non-terminal), with `on_queue` it is on that queue, and with `owner` that worker
-        instance started it (a worker that lost a job to failover cannot finish it); set
-        `fields` alongside.
-
-        Returns (applied, status before). A missing record gives (False, None).
+        `instance`: for an owned transition, the worker that must own a handed or running job.
+        `to_queue`: where the job goes (requeue, or a worker taking a job from another queue).
+        `fields`: record fields set with it; `event`: the data of the event it appends;
+        `metric_ops`: (op, key, field, value) counted only if it applies (common/metrics.py).
         """
-        allowed_json = json.dumps([json.dumps(s) for s in allowed])
-        applied, before, callback = self._transition(
-            keys=[task_key(task_id)],
-            args=[allowed_json, json.dumps(status) if status else "", queue or "", on_queue or "",
-                  int(time.time() * 1000), json.dumps(owner) if owner else "", int(self.events_ttl),
-                  *_encode(fields)],
-        )
-        before = before.decode() if isinstance(before, bytes) else before
-        if applied and status in TERMINAL:
-            record = self.get(task_id) or {}
-            metrics.job_finished(self.redis, record, status, fields.get("error"))
-        callback = json.loads(callback) if callback else None
-        if applied and status and callback and self.notify is not None:
-            try:
-                self.notify(task_id, status, callback)
-            except Exception:  # noqa: BLE001 - a webhook must never undo or block a job's transition
-                log.exception("task %s: webhook for %s not queued", task_id, status)
-        return bool(applied), (json.loads(before) if before else None)
+        spec = lifecycle.transition(name)
+        # Owned transitions of a handed or running job need its worker; no instance matches none.
+        must_own = (instance or "-") if spec.owned else ""
+        to_queue = to_queue or queue
+        target = spec.target
+        metric_keys: list[str] = []
+        ops: list[str] = []
+        for op, key, fname, value in metric_ops:
+            if key not in metric_keys:
+                metric_keys.append(key)
+            ops += [op, str(15 + metric_keys.index(key)), fname, str(value)]
+        call_keys = [keys.task(task_id), keys.events(task_id), keys.payload(task_id), keys.WEBHOOKS_PENDING,
+                     keys.active(), keys.active(owner), *keys.queue_keys(queue), *keys.queue_keys(to_queue),
+                     *metric_keys]
+        args = [task_id, _json(sorted(str(s) for s in spec.sources)), str(target) if target else "",
+                str(lifecycle.status_of(target)) if target else "", spec.event or "", _json(event or {}),
+                queue, to_queue, must_own, owner, int(time.time() * 1000), int(self.events_ttl), MAX_EVENTS,
+                "1" if want_record else "0", len(metric_ops), *ops, *_encode(fields or {})]
+        applied, before, callback, event_id, cancel, record, payload = self._transition(keys=call_keys, args=args)
+        before = _text(before)
+        outcome = Outcome(
+            applied=bool(applied), before=State(before) if before else None,
+            callback=json.loads(callback) if callback else None, event_id=_text(event_id) or None,
+            cancel_requested=_text(cancel) == "1",
+            record=decode_record(record) if record else None, payload=json.loads(payload) if payload else None)
+        if outcome.applied and target is not None and outcome.callback and self.notify is not None:
+            status = str(lifecycle.status_of(target))
+            if status != str(lifecycle.status_of(outcome.before)) or spec.event == "started":
+                try:
+                    self.notify(task_id, status, outcome.callback)
+                except Exception:  # noqa: BLE001 - a webhook must never undo or block a transition
+                    log.exception("task %s: webhook for %s not queued", task_id, status)
+        return outcome
 
-    def update(self, task_id: str, **fields) -> None:
-        """Set fields without a status check (prompt id, attempt log)."""
-        self.redis.hset(task_key(task_id), mapping=dict(zip(*[iter(_encode(fields))] * 2)))
-
-    def request_cancel(self, task_id: str) -> None:
-        self.update(task_id, cancel_requested=True)
+    def cancel(self, task_id: str, record: dict) -> CancelResult:
+        """A cancel request (DELETE, or a Celery revoke): a job still in Celery is cancelled at
+        once and never reaches a GPU; one a worker has is flagged, and its worker is told (it
+        deletes the prompt from ComfyUI's queue or interrupts it, then records `cancel_run`)."""
+        last = self.last_event_id(task_id)
+        queue, owner = record["queue"], record.get("owner", "anonymous")
+        done = self.apply("cancel_waiting", task_id, queue=queue, owner=owner, fields={
+            "finished_at": now_iso(), "cancel_requested": True}, event={"queue": queue},
+            metric_ops=metrics.finished_ops(record, CANCELLED))
+        if done.applied:
+            return CancelResult("cancelled", State.CANCELLED, last)
+        if done.before is None:
+            return CancelResult("missing")
+        if done.before in lifecycle.FINAL_STATES:
+            return CancelResult("finished", done.before, last)
+        if done.before == State.WAITING:  # it moved to another queue meanwhile: ask again there
+            current = self.get(task_id)
+            return self.cancel(task_id, current) if current else CancelResult("missing")
+        flagged = self.apply("request_cancel", task_id, queue=record["queue"] if done.before else queue,
+                             owner=owner, fields={"cancel_requested": True})
+        if not flagged.applied:
+            current = self.get(task_id)
+            if current is None:
+                return CancelResult("missing")
+            if current.get("status") in TERMINAL:
+                return CancelResult("finished", lifecycle.state_of(current), last)
+            if current["queue"] != queue:
+                return self.cancel(task_id, current)
         self.redis.publish(CANCEL_CHANNEL, task_id)
+        return CancelResult("requested", flagged.before, last)
+
+    def webhook_state(self, task_id: str, state: dict, retry_at_ms: int | None) -> None:
+        """The webhook worker's record of a final delivery; `retry_at_ms` None: settled."""
+        self._webhook_state(keys=[keys.task(task_id), keys.WEBHOOKS_PENDING],
+                            args=[task_id, _json(state), "" if retry_at_ms is None else int(retry_at_ms)])

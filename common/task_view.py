@@ -10,18 +10,19 @@ def image_url(task_id: str, index: int, public_url: str = "") -> str:
     return f"{public_url.rstrip('/')}{API}/tasks/{task_id}/images/{index}"
 
 
-def task_document(record: dict, live_progress: dict | None, queue_position: int | None,
-                  public_url: str = "") -> dict:
+def task_document(record: dict, queue_position: int | None, public_url: str = "") -> dict:
+    """`queue_position`: jobs ahead of it on its GPU, the running one included (queued only).
+    Progress is the record's (the one home of progress): null while the job waits."""
     status = record["status"]
     task_id = record["task_id"]
     if status == RUNNING:
-        progress = live_progress or {"percent": 0.0, "node": None, "step": 0, "max": 0}
+        progress = record.get("progress") or {"percent": 0.0, "node": None, "step": 0, "max": 0}
     elif status == SUCCEEDED:
         progress = record.get("progress") or {"percent": 100.0, "node": None, "step": 0, "max": 0}
     elif status == QUEUED:
-        progress = {"percent": 0.0, "node": None, "step": 0, "max": 0}
+        progress = None
     else:
-        progress = live_progress or record.get("progress")
+        progress = record.get("progress")
     result = None
     if status == SUCCEEDED and record.get("result") is not None:
         result = {"images": [
@@ -36,6 +37,7 @@ def task_document(record: dict, live_progress: dict | None, queue_position: int 
         "gpu": record.get("gpu"),
         "queue_position": queue_position if status == QUEUED else None,
         "progress": progress,
+        "waiting_reason": record.get("waiting_reason") if status == QUEUED else None,
         "params": record["params"],
         "created_at": record["created_at"],
         "started_at": record.get("started_at"),

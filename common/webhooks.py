@@ -21,14 +21,17 @@ from urllib.parse import urlsplit
 
 from standardwebhooks import Webhook
 
+from common import keys
+from common.documents import CALLBACK_EVENTS, FINAL_STATUSES
+
 log = logging.getLogger("comfy.webhooks")
 
 DELIVER = "comfy.deliver_webhook"
 # Finished jobs whose final webhook is not settled yet (score: ms since which it is owed).
-PENDING = "cs:webhooks:pending"
-FINAL = ("succeeded", "failed", "cancelled")
+PENDING = keys.WEBHOOKS_PENDING
+FINAL = FINAL_STATUSES
 # What a caller may ask for besides the final document, which is always sent.
-OPTIONAL_EVENTS = ("started", "progress", "output")
+OPTIONAL_EVENTS = CALLBACK_EVENTS
 MAX_URL_LENGTH = 2048
 # Receiver answers that a later attempt may fix; any other 4xx is the receiver's final word.
 RETRY_4XX = frozenset({408, 409, 425, 429})

@@ -123,7 +123,9 @@ def _say_access(api_host: str, redis_url: str) -> None:
     try:
         import redis
 
-        stored = redis.Redis.from_url(redis_url, socket_connect_timeout=2).exists("cs:apikeys")
+        from common import keys
+
+        stored = redis.Redis.from_url(redis_url, socket_connect_timeout=2).exists(keys.API_KEYS)
     except Exception:  # noqa: BLE001 - only a hint
         stored = False
     if os.environ.get("API_KEYS") or stored:

@@ -107,16 +107,17 @@ def test_worker_down_and_error_rate_alerts_fire_and_reach_the_receiver(fleet_fac
         def scraped_twice():
             for s in services:
                 assert s.proc.poll() is None, f"{s.name} exited:\n{s.output()[-3000:]}"
-            result = query(prom, 'count_over_time(comfy_jobs_failed_total{code="validation_error"}[1m])')
+            result = query(prom, 'count_over_time(comfy_jobs_failed_total{code="execution_error"}[1m])')
             return result and min(float(r["value"][1]) for r in result) >= 2
         wait_until(scraped_twice, 60, interval=0.5, what="Prometheus scraping the zero counters")
 
-        # Ten failures of a kind never seen before, all at once: ComfyUI refuses the checkpoint.
+        # Ten failures of a kind never seen before, all at once: every sampler raises in ComfyUI.
+        for sim in sims:
+            sim.faults(fail_at_step=1)
         ids = []
         for _ in range(10):
             r = requests.post(fleet.url + "/api/v1/generate", timeout=10, json={
-                "workflow": "sdxl", "prompt": "x", "width": 256, "height": 256, "steps": 2,
-                "checkpoint": "not_installed.safetensors"})
+                "workflow": "sdxl", "prompt": "x", "width": 256, "height": 256, "steps": 2})
             assert r.status_code == 202, r.text
             ids.append(r.json()["task_id"])
         for task_id in ids:

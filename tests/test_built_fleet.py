@@ -6,8 +6,8 @@ redis, nginx in front of two API replicas, two ComfyUI simulators with their wor
 worker and Flower under podman-compose, waits until the fleet is ready (podman runs no
 healthchecks without systemd, and podman-compose does not wait for `service_healthy`: the test
 polls), and then, only through nginx: generates and follows the event stream to the end,
-downloads the image, cancels a running job, SIGKILLs the worker container running a job and sees
-that job finish on the other GPU, and checks that Flower lists both workers. Then it tears it all
+downloads the image, cancels a running job, SIGKILLs the worker container running a job (and its
+simulator's, so that GPU loses the job) and sees that job finish on the other GPU, and checks that Flower lists both workers. Then it tears it all
 down (containers, network, volumes).
 
 What it runs is docker-compose.yml itself, with only these changes in its copy: the third-party
@@ -314,8 +314,11 @@ def test_a_killed_worker_container_loses_no_job(fleet, show_logs_on_failure):
     doc = wait_until(lambda: (d := task(fleet, task_id))["status"] == "running" and d.get("gpu") and d, 60,
                      interval=0.3, what="the job running on a GPU")
     gpu = doc["gpu"]
-    service = f"worker-sim-{gpu.rsplit('.', 1)[1]}"
-    run(["podman", "kill", "--signal", "KILL", fleet.container_of(service)])
+    index = gpu.rsplit(".", 1)[1]
+    # The worker and its ComfyUI both die: that GPU lost the job, which must run on the other one.
+    # (A worker killed alone leaves the job to its ComfyUI, and the outputs are collected there.)
+    run(["podman", "kill", "--signal", "KILL", fleet.container_of(f"worker-sim-{index}"),
+         fleet.container_of(f"comfyui-sim-{index}")])
     final = wait_final(fleet, task_id, 240)
     assert final["status"] == "succeeded", final
     assert final["gpu"] != gpu, f"the job finished on {final['gpu']}, the GPU whose worker was killed"

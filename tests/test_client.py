@@ -52,7 +52,7 @@ def take_logged(stream, count: int) -> list[Event]:
 def test_generate_wait_and_download_give_typed_results(client, tmp_path):
     task = client.generate(story(seed=7))
     assert isinstance(task, Task) and task.status == "queued" and task.params["seed"] == 7
-    assert task.workflow == "storydiffusion" and task.progress.percent == 0.0 and not task.done
+    assert task.workflow == "storydiffusion" and task.progress is None and not task.done  # waits: no progress
 
     seen: list[Event] = []
     final = client.wait(task.task_id, timeout=30, on_event=seen.append)
@@ -94,9 +94,10 @@ def test_errors_carry_the_error_document(client, fleet):
     assert error.details["errors"][0]["field"] == "scenes" and "[Bob]" in error.message
     assert str(error).startswith("service/invalid_parameters: ")
 
-    with pytest.raises(ApiError) as pinned:  # no such GPU: 503 with Retry-After
+    with pytest.raises(ApiError) as pinned:  # a GPU the fleet never had: the caller's mistake, no retry
         client.generate(story(), gpu="gpu.nowhere.0")
-    assert (pinned.value.status, pinned.value.code, pinned.value.retry_after) == (503, "gpu_unavailable", 5.0)
+    assert (pinned.value.status, pinned.value.code, pinned.value.retry_after) == (422, "unknown_gpu", None)
+    assert pinned.value.details["available"]["gpus"] == ["gpu.test.0"]
 
     with pytest.raises(ApiError) as unknown:
         client.get("00000000-0000-4000-8000-000000000000")

@@ -1,5 +1,10 @@
-"""`make run` (deploy/devstack.py) supervises: SIGKILL a worker and its job finishes on the other
-GPU, the worker is started again with a log line, the stack stays up; Ctrl-C stops everything."""
+"""`make run` (deploy/devstack.py) supervises: SIGKILL a worker (and its ComfyUI simulator) in the
+middle of a job and the job finishes on the other GPU, both are started again with a log line, the
+stack stays up; Ctrl-C stops everything.
+
+(A worker killed alone leaves its job to its ComfyUI, which finishes it; the failover monitor then
+collects the outputs on the same GPU: tests/test_fleet.py. Killing the simulator too makes the GPU
+lose the job, so it must run again on the other one.)"""
 from __future__ import annotations
 
 import os
@@ -34,6 +39,19 @@ def _workers(proc: psutil.Process) -> dict[str, psutil.Process]:
     return found
 
 
+def _simulator(proc: psutil.Process, url: str) -> psutil.Process:
+    """The devstack's simulator serving `url`."""
+    port = url.rsplit(":", 1)[1]
+    for child in proc.children(recursive=True):
+        try:
+            cmd = child.cmdline()
+            if cmd[1:3] == ["-m", "comfyui_sim"] and cmd[cmd.index("--port") + 1] == port:
+                return child
+        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+            continue
+    raise AssertionError(f"no simulator on {url}")
+
+
 def test_make_run_restarts_a_killed_worker_and_its_job_finishes_elsewhere(tmp_path):
     api_port, flower_port = free_port(), free_port()
     env = {**os.environ, "API_PORT": str(api_port), "FLOWER_PORT": str(flower_port),
@@ -61,13 +79,15 @@ def test_make_run_restarts_a_killed_worker_and_its_job_finishes_elsewhere(tmp_pa
                          == "running" and d.get("gpu") and d, 30, interval=0.1, what="the job running")
         gpu = doc["gpu"]
         victim = _workers(psutil.Process(stack.pid))[gpu]
+        sim = _simulator(psutil.Process(stack.pid), victim.environ()["COMFYUI_URL"])
         os.killpg(victim.pid, signal.SIGKILL)
+        os.killpg(sim.pid, signal.SIGKILL)
 
         final = wait_until(lambda: (d := requests.get(f"{base}/api/v1/tasks/{task_id}", timeout=5).json())["status"]
                            in ("succeeded", "failed", "cancelled") and d, 90, interval=0.3, what="the job to end")
         assert final["status"] == "succeeded", final
         assert final["gpu"] != gpu
-        wait_until(lambda: "starting it again" in log(), 10, what="the restart logged")
+        wait_until(lambda: log().count("starting it again") >= 2, 10, what="both restarts logged")
         assert stack.poll() is None, "the stack stays up"
         # The worker is back (a new process) and both GPUs take jobs again.
         wait_until(lambda: gpu in _workers(psutil.Process(stack.pid)) and

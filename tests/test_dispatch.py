@@ -1,10 +1,9 @@
 """Dispatch scoring and failover rules: pure functions, table tests."""
-from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from common.dispatch import JobSpec, choose, expected_finish, fleet_rate
-from workers.monitor import is_orphan, needs_moving
+from workers.monitor import needs_moving
 
 
 def gpu(queue, load=0.0, rate=None, comfyui_ok=True, draining=False, host="a", checkpoint=None,
@@ -53,25 +52,6 @@ def test_expected_finish_is_backlog_plus_job_times_rate():
     worker = gpu("g", load=30.0, rate=0.2)
     assert expected_finish(worker, JOB, default_rate=99.0) == pytest.approx((30.0 + 10.0) * 0.2)
     assert fleet_rate([gpu("a", rate=1.0), gpu("b", rate=3.0), gpu("c")], "storydiffusion") == 2.0
-
-
-NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
-STARTED = (NOW - timedelta(seconds=30)).isoformat().replace("+00:00", "Z")
-JUST_STARTED = (NOW - timedelta(seconds=1)).isoformat().replace("+00:00", "Z")
-RUNNING = {"status": "running", "worker": "w1", "started_at": STARTED}
-
-ORPHANS = [
-    ("worker alive", RUNNING, {"instance": "w1"}, False),
-    ("heartbeat expired", RUNNING, None, True),
-    ("worker restarted: another process owns the queue", RUNNING, {"instance": "w2"}, True),
-    ("just started: heartbeat may lag", {**RUNNING, "started_at": JUST_STARTED}, None, False),
-    ("not running", {**RUNNING, "status": "queued"}, None, False),
-]
-
-
-@pytest.mark.parametrize("case, record, beat, orphan", ORPHANS, ids=[c[0] for c in ORPHANS])
-def test_orphan_rule(case, record, beat, orphan):
-    assert is_orphan(record, beat, grace=4.0, now=NOW) is orphan
 
 
 def test_waiting_jobs_leave_dead_or_draining_queues():

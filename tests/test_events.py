@@ -71,8 +71,10 @@ def test_stream_tells_a_job_from_queued_to_its_final_document(fleet):
     events = read_events(response)  # ends when the server closes the stream after the final event
 
     kinds = [kind for _, kind, _ in events]
-    assert kinds[0] == "queued" and events[0][2]["queue_position"] in (1, None)
-    assert kinds[1] == "started" and events[1][2]["gpu"] == "gpu.test.0"
+    assert kinds[0] == "queued" and events[0][2]["queue_position"] in (0, None)  # nothing ahead of it
+    # Taken by the GPU's worker and queued inside its ComfyUI: still queued, now with its GPU.
+    assert kinds[1] == "queued" and events[1][2]["gpu"] == "gpu.test.0"
+    assert kinds[2] == "started" and events[2][2]["gpu"] == "gpu.test.0"
     assert kinds[-1] == "succeeded"
     assert kinds.count("output") == 2  # one image per scene, each as it is stored
     percents = [data["percent"] for _, kind, data in events if kind == "progress"]
@@ -106,6 +108,7 @@ def test_reconnecting_with_last_event_id_loses_and_repeats_nothing(fleet):
 
 def test_stream_of_a_waiting_job_updates_its_position_and_ends_cancelled(fleet):
     # The worker holds two prompts in ComfyUI (running + next); the third and fourth wait in Redis.
+    # A position counts the jobs ahead on the GPU, the running one included.
     running = [submit(fleet.url, story(steps=40)) for _ in range(2)]
     ahead, target = submit(fleet.url, story(steps=40)), submit(fleet.url, story(steps=40))
     response = stream(fleet.url, target["task_id"])
@@ -114,10 +117,10 @@ def test_stream_of_a_waiting_job_updates_its_position_and_ends_cancelled(fleet):
     reader.start()
     try:
         wait_until(lambda: requests.get(f"{fleet.url}/api/v1/tasks/{target['task_id']}", timeout=5).json()[
-            "queue_position"] == 2, 10, what="the target to wait second")
+            "queue_position"] == 3, 10, what="the target to wait behind three")
         requests.delete(f"{fleet.url}/api/v1/tasks/{ahead['task_id']}", timeout=10)
         # Position updates are not logged events: they come without an id.
-        wait_until(lambda: any(kind == "queued" and data["queue_position"] == 1 and event_id is None
+        wait_until(lambda: any(kind == "queued" and data["queue_position"] == 2 and event_id is None
                                for event_id, kind, data in list(seen)), 10, what="a position update")
         for task in running:
             requests.delete(f"{fleet.url}/api/v1/tasks/{task['task_id']}", timeout=10)

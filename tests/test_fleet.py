@@ -70,7 +70,7 @@ def test_dispatch_prefers_the_idle_and_the_faster_gpu(fleet_factory):
         assert worker["host_stats"]["ram_total_mb"] > 0 and worker["comfyui_ok"] is True
 
 
-def test_pinned_job_runs_on_its_gpu_and_a_missing_pin_is_refused(fleet_factory):
+def test_pinned_job_runs_on_its_gpu_an_unknown_pin_is_422_and_a_down_one_503(fleet_factory):
     fleet = fleet_factory()
     for index in range(2):
         fleet.add_worker(fleet.add_sim("--step-seconds", "0.02"))
@@ -78,17 +78,49 @@ def test_pinned_job_runs_on_its_gpu_and_a_missing_pin_is_refused(fleet_factory):
     fleet.start_api()
     pinned = [submit(fleet.url, job(gpu="gpu.test.1")) for _ in range(3)]
     assert {d["gpu"] for d in all_done(fleet, pinned)} == {"gpu.test.1"}
-    refused = requests.post(fleet.url + "/api/v1/generate", json=job(gpu="gpu.nowhere.9"), timeout=5)
-    assert refused.status_code == 503 and refused.json()["error"]["code"] == "gpu_unavailable"
+    # A GPU or host the fleet never had is the caller's mistake, and the answer lists what exists.
+    for pin in ({"gpu": "gpu.nowhere.9"}, {"host": "nowhere"}):
+        refused = requests.post(fleet.url + "/api/v1/generate", json=job(**pin), timeout=5)
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "unknown_gpu" and error["source"] == "service"
+        assert error["details"]["available"]["gpus"] == ["gpu.test.0", "gpu.test.1"]
+    # A known GPU that is down now is the service's condition: 503, retry later.
+    fleet.workers[0].stop()  # warm shutdown: it leaves the fleet at once
+    wait_until(lambda: len(requests.get(fleet.url + "/api/v1/workers", timeout=5).json()["workers"]) == 1, 20,
+               what="worker 0 gone")
+    down = requests.post(fleet.url + "/api/v1/generate", json=job(gpu="gpu.test.0"), timeout=5)
+    assert down.status_code == 503 and down.json()["error"]["code"] == "gpu_unavailable", down.text
 
 
-def test_worker_killed_mid_job_the_job_runs_again_elsewhere(fleet_factory):
+def test_worker_killed_mid_job_its_comfyui_finishes_and_the_outputs_are_collected(fleet_factory):
+    fleet = fleet_factory(**FAST_FAILOVER)
+    sims, workers = fleet.start_gpus(2, "--step-seconds", "0.05")
+    task = submit(fleet.url, job(steps=60))
+    running = wait_status(fleet.url, task["task_id"], statuses=("running",))
+    victim = next(w for w in workers if w.queue == running["gpu"])
+    victim.stop(signal.SIGKILL)
+
+    done = wait_status(fleet.url, task["task_id"], timeout=60)
+    assert done["status"] == "succeeded", done
+    assert done["gpu"] == victim.queue  # ComfyUI kept running it; nothing ran twice
+    final = record(fleet, task["task_id"])
+    assert final["attempts"] == 1 and final["collect_attempts"] == 1 and not final.get("attempt_log")
+    assert_one_result_set(fleet, [done])
+    ran = [b for sim in sims for b in sim.record()["busy"] if b["prompt_id"] == final["prompt_id"]]
+    assert len(ran) == 1 and ran[0]["outcome"] == "success"
+    assert sum(len(sim.record()["submitted"]) for sim in sims) == 1
+
+
+def test_worker_and_its_comfyui_killed_mid_job_the_job_runs_again_elsewhere(fleet_factory):
     fleet = fleet_factory(**FAST_FAILOVER)
     sims, workers = fleet.start_gpus(2, "--step-seconds", "0.05")
     task = submit(fleet.url, job(steps=40))
     running = wait_status(fleet.url, task["task_id"], statuses=("running",))
     victim = next(w for w in workers if w.queue == running["gpu"])
+    victim_sim = sims[workers.index(victim)]
     victim.stop(signal.SIGKILL)
+    victim_sim.kill()
 
     done = wait_status(fleet.url, task["task_id"], timeout=60)
     assert done["status"] == "succeeded", done
@@ -97,9 +129,33 @@ def test_worker_killed_mid_job_the_job_runs_again_elsewhere(fleet_factory):
     assert final["attempts"] == 2
     assert [a["code"] for a in final["attempt_log"]] == ["worker_lost"]
     assert_one_result_set(fleet, [done])
-    # The dead worker's prompt was dropped from its ComfyUI rather than left to run on.
-    victim_sim = sims[workers.index(victim)]
-    assert victim_sim.record()["running"] is None
+
+
+def test_a_live_worker_that_dropped_its_job_is_caught_and_the_job_moved(fleet_factory):
+    """The worker survives but no longer has the job (its task died outside the job's own
+    handling); ComfyUI lost the prompt too: the monitor notices within the grace and moves it."""
+    fleet = fleet_factory(**FAST_FAILOVER, RECONCILE_GRACE="2")
+    sims, workers = fleet.start_gpus(2, "--step-seconds", "0.05")
+    task = submit(fleet.url, job(steps=40))
+    running = wait_status(fleet.url, task["task_id"], statuses=("running",))
+    victim_sim = sims[[w.queue for w in workers].index(running["gpu"])]
+    # Freeze the worker so it cannot notice, make ComfyUI forget the prompt, then forge what a
+    # dropped job looks like: its worker alive and heartbeating, the job not in its running list.
+    worker = workers[[w.queue for w in workers].index(running["gpu"])]
+    worker.send(signal.SIGSTOP)
+    try:
+        victim_sim.restart()
+        client = redis.Redis.from_url(fleet.redis.url)
+        beat = json.loads(client.get(f"cs:worker:{running['gpu']}"))
+        beat["running"] = []
+        client.set(f"cs:worker:{running['gpu']}", json.dumps(beat), px=60_000)
+        client.zadd("cs:workers", {running["gpu"]: __import__("time").time() + 30})
+        moved = wait_until(lambda: record(fleet, task["task_id"]).get("attempt_log"), 15, what="the job moved")
+        assert [a["code"] for a in moved] == ["job_dropped"]
+    finally:
+        worker.send(signal.SIGCONT)
+    done = wait_status(fleet.url, task["task_id"], timeout=60)
+    assert done["status"] == "succeeded" and done["gpu"] != running["gpu"], done
 
 
 def test_comfyui_crash_mid_job_moves_the_job_then_gives_up_naming_the_attempts(fleet_factory):
@@ -181,7 +237,7 @@ def test_job_longer_than_the_visibility_timeout_runs_once(fleet_factory):
     assert record(fleet, task["task_id"])["attempts"] == 1
 
 
-def test_a_job_that_kills_its_worker_every_time_stops_after_max_attempts(fleet_factory):
+def test_a_job_that_kills_its_gpu_every_time_stops_after_max_attempts(fleet_factory):
     fleet = fleet_factory(**{**FAST_FAILOVER, "MAX_ATTEMPTS": "2"})
     sim = fleet.add_sim("--step-seconds", "0.05")
     worker = fleet.add_worker(sim)
@@ -191,8 +247,10 @@ def test_a_job_that_kills_its_worker_every_time_stops_after_max_attempts(fleet_f
     for attempt in (1, 2):
         wait_until(lambda: record(fleet, task["task_id"]).get("attempts") == attempt
                    and record(fleet, task["task_id"])["status"] == "running", 30, what=f"attempt {attempt}")
+        # The job takes its whole GPU host down: worker and ComfyUI; the supervisor restarts both.
         worker.stop(signal.SIGKILL)
-        worker.start()  # the operator's supervisor brings it back; the job kills it again
+        sim.restart()
+        worker.start()
     done = wait_status(fleet.url, task["task_id"], timeout=60)
     assert done["status"] == "failed", done
     assert done["error"]["code"] == "worker_lost" and "2 attempts" in done["error"]["message"]

@@ -38,6 +38,14 @@ def test_known_failures_cover_every_code_the_code_base_produces():
     for path in ("app/routes.py", "workers/monitor.py"):
         text = (REPO / path).read_text()
         produced |= set(re.findall(r'"source": "(service|comfyui)", "code": "([a-z_]+)"', text))
+    # The failover monitor's decisions (common/reconcile.py): FAIL is ComfyUI's, the others the service's.
+    reconcile = REPO / "common/reconcile.py"
+    if reconcile.exists():
+        text = reconcile.read_text()
+        for action, code in re.findall(r"Decision\((FAIL|GIVE_UP|TIMEOUT), \"([a-z_]+)\"", text):
+            produced.add(("comfyui" if action == "FAIL" else "service", code))
+        for a, b in re.findall(r'code = "([a-z_]+)" if .* else "([a-z_]+)"', text):
+            produced |= {("service", a), ("service", b)}
     assert ("comfyui", "validation_error") in produced and ("service", "worker_lost") in produced  # the scan works
     assert produced <= set(metrics.KNOWN_FAILURES), sorted(produced - set(metrics.KNOWN_FAILURES))
 

@@ -94,5 +94,13 @@ def test_storydiffusion_rejects_bad_fields_by_name(fields, field, fragment):
     assert fragment in errors[field]
 
 
+def test_an_integer_written_as_a_float_is_an_integer():
+    # The document's `integer` accepts 25.0 (JSON Schema), so the service does too; 25.5 and "25" stay errors.
+    params = SDXL.parse({"prompt": "a lighthouse", "steps": 25.0, "width": 512.0, "cfg": 7.0})
+    assert (params.steps, params.width, params.cfg) == (25, 512, 7.0) and type(params.steps) is int
+    assert "steps" in errors_of(SDXL, {"prompt": "a lighthouse", "steps": 25.5})
+    assert "steps" in errors_of(SDXL, {"prompt": "a lighthouse", "steps": "25"})
+
+
 def test_sdxl_requires_a_prompt():
     assert "prompt" in errors_of(SDXL, {})

@@ -150,6 +150,16 @@ class Attribution:
             pass
 
 
+# KEYS[1] a job's log list. ARGV: [1] lines kept, [2] TTL s, then the lines. One command per job
+# per batch (append, cap, expire).
+_APPEND = """
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+
+
 class JobLogWriter:
     """Appends lines to the per-job Redis lists from a background thread, in batches."""
 
@@ -167,6 +177,7 @@ class JobLogWriter:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._failing_since: Optional[float] = None
+        self._append = client.register_script(_APPEND)
 
     def append(self, task_id: str, line: dict) -> None:
         """Never blocks on Redis: a deque append (the oldest line goes when the queue is full)."""
@@ -205,10 +216,7 @@ class JobLogWriter:
             per_task.setdefault(task_id, []).append(data)
         pipe = self.redis.pipeline(transaction=False)
         for task_id, lines in per_task.items():
-            key = job_log_key(task_id)
-            pipe.rpush(key, *lines)
-            pipe.ltrim(key, -self.max_lines, -1)
-            pipe.expire(key, self.ttl)
+            self._append(keys=[job_log_key(task_id)], args=[self.max_lines, self.ttl, *lines], client=pipe)
         try:
             pipe.execute()
         except redis.RedisError as exc:
@@ -332,5 +340,5 @@ def get_job_logs() -> JobLogs:
 
     settings = get_runtime().settings
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=2,
-                                  health_check_interval=30)
+                                  health_check_interval=30, client_name="comfy-worker-logs")
     return JobLogs(client, settings.result_ttl, level=(settings.log_level or "INFO").upper())

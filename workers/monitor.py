@@ -1,11 +1,13 @@
-"""Failover: find jobs stranded by a dead worker, GPU or ComfyUI, and move them.
+"""Failover and reconciliation: every job a worker has taken is accounted for by reality, and
+jobs stranded by a dead or draining GPU are moved.
 
 Runs inside every worker's heartbeat thread; a short Redis lock lets one of them act per
-round. Two cases, both decided by pure functions below and acted on by `Monitor`:
+round. Decisions are pure (common/reconcile.py, `needs_moving` below); `Monitor` acts:
 
-- a job a worker started but whose worker process is no longer alive (its heartbeat expired,
-  or a new process took over the queue): started again on a healthy GPU, up to MAX_ATTEMPTS
-  starts, then failed with the attempt log (a job that kills its worker every time stops);
+- a job its worker does not account for (dead, replaced by a new process, or alive but no
+  longer listing it in its heartbeat) past RECONCILE_GRACE is checked against its ComfyUI:
+  still there → wait; finished → its outputs are collected (no second run); failed → failed;
+  lost → a new attempt on another GPU, up to MAX_ATTEMPTS, then failed with the attempt log;
 - jobs waiting on a queue whose worker is dead or draining: moved to healthy queues, and the
   stale Celery messages left in the dead queue are removed.
 
@@ -21,27 +23,14 @@ from datetime import datetime, timezone
 
 from celery import Celery
 
+from common import keys, metrics, reconcile
 from common.jobs import requeue
+from common.lifecycle import State, state_of
 from common.registry import Registry
-from common import webhooks
-from common.task_store import FAILED, QUEUED, RUNNING, TERMINAL, TaskStore, now_iso
+from common.task_store import FAILED, TERMINAL, TaskStore, now_iso
 
 log = logging.getLogger("comfy.monitor")
-LOCK = "cs:monitor:lock"
-
-
-def _age_seconds(iso: str | None, now: datetime) -> float:
-    if not iso:
-        return float("inf")
-    return (now - datetime.fromisoformat(iso.replace("Z", "+00:00"))).total_seconds()
-
-
-def is_orphan(record: dict, beat: dict | None, grace: float, now: datetime) -> bool:
-    """A running job whose worker process is gone: no live heartbeat for its queue, or a live
-    one from another process (the worker restarted). `grace` covers a just-started job."""
-    if record.get("status") != RUNNING or _age_seconds(record.get("started_at"), now) < grace:
-        return False
-    return beat is None or beat.get("instance") != record.get("worker")
+LOCK = keys.MONITOR_LOCK
 
 
 def needs_moving(beat: dict | None) -> bool:
@@ -51,11 +40,16 @@ def needs_moving(beat: dict | None) -> bool:
 
 class Monitor:
     def __init__(self, store: TaskStore, registry: Registry, celery: Celery, instance: str,
-                 max_attempts: int, interval: float, comfy_cancel=None, notifier=None, webhook_resend_after=300.0):
+                 max_attempts: int, interval: float, comfy_cancel=None, notifier=None, webhook_resend_after=300.0,
+                 grace: float | None = None, job_timeout: float = 3600.0, collect=None, comfy_view=None):
         self.store, self.registry, self.celery = store, registry, celery
         self.instance, self.max_attempts, self.interval = instance, max_attempts, interval
         self.comfy_cancel = comfy_cancel  # (comfyui_url, prompt_id) → None; best effort
         self.notifier, self.webhook_resend_after = notifier, webhook_resend_after
+        self.grace = 2 * interval if grace is None else grace
+        self.job_timeout = job_timeout
+        self.collect = collect  # record → outcome: finish a job from its ComfyUI's outputs
+        self.comfy_view = comfy_view or prompt_state  # (comfyui_url, prompt_id) → a reconcile.* state
 
     def run_once(self) -> None:
         redis = self.store.redis
@@ -65,9 +59,9 @@ class Monitor:
         now = datetime.now(timezone.utc)
         for queue in self.registry.known_queues():
             beat = alive.get(queue)
-            for record in filter(None, self.store.get_many(self.store.running(queue))):
-                if is_orphan(record, beat, grace=2 * self.interval, now=now):
-                    self._restart_orphan(record, queue)
+            for record in filter(None, self.store.get_many(self.store.taken(queue))):
+                if reconcile.suspect(record, beat, now, self.grace):
+                    self._settle(record, queue, beat, now)
             if needs_moving(beat):
                 self._move_waiting(queue)
         if self.notifier is not None:
@@ -79,44 +73,63 @@ class Monitor:
         redis = self.store.redis
         now_ms = int(time.time() * 1000)
         cutoff = now_ms - int(self.webhook_resend_after * 1000)
-        owed = [m.decode() for m in redis.zrangebyscore(webhooks.PENDING, "-inf", cutoff, start=0, num=100)]
+        owed = [m.decode() for m in redis.zrangebyscore(keys.WEBHOOKS_PENDING, "-inf", cutoff, start=0, num=100)]
         for task_id, record in zip(owed, self.store.get_many(owed)):
             settled = (record or {}).get("webhook", {}) or {}
             if record is None or record.get("status") not in TERMINAL or not record.get("callback") \
                     or settled.get("state") in ("delivered", "failed"):
-                redis.zrem(webhooks.PENDING, task_id)
+                redis.zrem(keys.WEBHOOKS_PENDING, task_id)
                 continue
             self.notifier.send(task_id, record["status"])
-            redis.zadd(webhooks.PENDING, {task_id: now_ms})
+            redis.zadd(keys.WEBHOOKS_PENDING, {task_id: now_ms})
             log.warning("task %s: its %s webhook was not settled after %.0f s; queued again", task_id,
                         record["status"], self.webhook_resend_after)
 
-    def _restart_orphan(self, record: dict, queue: str) -> None:
+    def _settle(self, record: dict, queue: str, beat: dict | None, now: datetime) -> None:
         task_id = record["task_id"]
-        attempts = int(record.get("attempts", 0))
-        entry = {"code": "worker_lost", "gpu": queue, "message": "the worker running the job died"}
-        if record.get("prompt_id") and record.get("comfyui") and self.comfy_cancel:
-            self.comfy_cancel(record["comfyui"], record["prompt_id"])  # its ComfyUI may still run it
-        if attempts >= self.max_attempts:
-            attempt_log = [*(record.get("attempt_log") or []), {**entry, "at": now_iso()}]
-            error = {"source": "service", "code": "worker_lost",
-                     "message": f"the job's worker died during each of its {attempts} attempts; not retried again",
-                     "details": {"attempts": attempt_log}}
-            applied, _ = self.store.transition(task_id, allowed=(RUNNING,), status=FAILED, on_queue=queue,
-                                               owner=record.get("worker"),
-                                               finished_at=now_iso(), error=error, attempt_log=attempt_log)
-            if applied:
-                log.warning("task %s failed: its worker died %d times", task_id, attempts)
+        url, prompt_id = record.get("comfyui"), record.get("prompt_id")
+        comfy = self.comfy_view(url, prompt_id) if url and prompt_id else reconcile.ABSENT
+        alive = not reconcile.worker_gone(record, beat)
+        decision = reconcile.settle(record, comfy, now=now, max_attempts=self.max_attempts,
+                                    job_timeout=self.job_timeout, worker_alive=alive)
+        if decision.action == reconcile.WAIT:
             return
-        log.warning("task %s: worker on %s is gone; starting it again", task_id, queue)
-        requeue(self.store, self.registry, self.celery, record, from_status=RUNNING, reason=entry, avoid=queue,
-                owner=record.get("worker"))
+        log.warning("task %s on %s: %s → %s", task_id, queue, decision.message, decision.action)
+        owner, worker = record.get("owner", "anonymous"), record.get("worker")
+        if decision.action == reconcile.COLLECT and self.collect is not None:
+            # Counted first: a collection that kills its collector must not loop for ever.
+            counted = self.store.apply("collect", task_id, queue=queue, owner=owner, instance=worker,
+                                       metric_ops=[("hincrby", keys.task(task_id), "collect_attempts", 1)],
+                                       want_record=True)
+            if counted:
+                log.info("task %s collected from %s: %s", task_id, url, self.collect(counted.record))
+            return
+        if decision.action in (reconcile.TIMEOUT, reconcile.REQUEUE, reconcile.GIVE_UP) and self.comfy_cancel:
+            if url and prompt_id and comfy not in (reconcile.ABSENT, reconcile.SUCCEEDED, reconcile.FAILED):
+                self.comfy_cancel(url, prompt_id)  # never leave it to run on beside its next attempt
+        if decision.action == reconcile.CANCEL:
+            self.store.apply("cancel_run", task_id, queue=queue, owner=owner, instance=worker, event={"queue": queue},
+                             fields={"finished_at": now_iso()}, metric_ops=metrics.finished_ops(record, "cancelled"))
+            return
+        entry = {"code": decision.code, "gpu": queue, "message": decision.message}
+        if decision.action == reconcile.REQUEUE:
+            requeue(self.store, self.registry, self.celery, record, reason=entry, avoid=queue, instance=worker)
+            return
+        attempt_log = [*(record.get("attempt_log") or []), {**entry, "at": now_iso()}]
+        source = "comfyui" if decision.action == reconcile.FAIL else "service"
+        error = {"source": source, "code": decision.code, "message": decision.message,
+                 "details": {"attempts": attempt_log, "prompt_id": prompt_id}}
+        done = self.store.apply("fail", task_id, queue=queue, owner=owner, instance=worker, event={"queue": queue},
+                                fields={"finished_at": now_iso(), "error": error, "attempt_log": attempt_log},
+                                metric_ops=metrics.finished_ops(record, FAILED, error))
+        if done:
+            log.warning("task %s failed: %s", task_id, decision.message)
 
     def _move_waiting(self, queue: str) -> None:
         moved = 0
         for record in filter(None, self.store.get_many(self.store.waiting(queue))):
-            if record.get("status") == QUEUED and record.get("queue") == queue:
-                if requeue(self.store, self.registry, self.celery, record, from_status=QUEUED, must_move=True,
+            if state_of(record) == State.WAITING and record.get("queue") == queue:
+                if requeue(self.store, self.registry, self.celery, record, must_move=True,
                            reason={"code": "gpu_unavailable", "gpu": queue,
                                    "message": "its GPU stopped taking jobs"}, avoid=queue):
                     moved += 1
@@ -135,5 +148,31 @@ class Monitor:
                 continue
         records = self.store.get_many(task_id for _, task_id in messages)  # one round trip for all
         for (raw, _), record in zip(messages, records):
-            if record is None or record.get("status") != QUEUED or record.get("queue") != queue:
+            if record is None or state_of(record) != State.WAITING or record.get("queue") != queue:
                 redis.lrem(queue, 1, raw)
+
+
+def prompt_state(url: str, prompt_id: str) -> str:
+    """What a ComfyUI knows of a prompt: running, pending, succeeded, failed, interrupted,
+    absent, or unreachable (common/reconcile.py). /queue first, then /history: a prompt that
+    finishes between the two reads is found in the second."""
+    from workers.comfy_client import ComfyClient, ComfyError
+
+    try:
+        with ComfyClient(url, timeout=3.0) as client:
+            queue = client.queue()
+            if prompt_id in queue.running_ids():
+                return reconcile.RUNNING
+            if prompt_id in queue.pending_ids():
+                return reconcile.PENDING
+            entry = client.history(prompt_id)
+    except ComfyError:
+        return reconcile.UNREACHABLE
+    if entry is None:
+        return reconcile.ABSENT
+    kinds = {kind for kind, _ in entry.messages}
+    if "execution_interrupted" in kinds:
+        return reconcile.INTERRUPTED
+    if entry.status_str == "success" or ("execution_success" in kinds and "execution_error" not in kinds):
+        return reconcile.SUCCEEDED
+    return reconcile.FAILED

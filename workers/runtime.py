@@ -11,6 +11,7 @@ import uuid
 from functools import cache
 
 import redis
+from celery.worker import state as celery_state
 
 from common.registry import Registry
 from common.settings import Settings, get_settings
@@ -30,10 +31,11 @@ class WorkerRuntime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.instance = uuid.uuid4().hex  # this process; a restarted worker is another instance
-        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30, client_name="comfy-worker")
         # Webhooks are queued for the webhook worker (common/webhooks.py), never sent from here.
         self.notifier = Notifier(celery_app, settings.webhook_queue)
-        self.store = TaskStore(self.redis, settings.result_ttl, settings.events_ttl, notify=self.notifier.on_status)
+        self.store = TaskStore(self.redis, settings.result_ttl, settings.events_ttl, notify=self.notifier.on_status,
+                               outage_tolerance=settings.redis_outage_tolerance)
         self.registry = Registry(self.redis, settings.heartbeat_ttl)
         self.storage = make_storage(settings)
         self.client = ComfyClient(settings.comfyui_url, timeout=settings.comfyui_timeout,
@@ -46,8 +48,12 @@ class WorkerRuntime:
         self.checkpoint: str | None = None  # the model the GPU holds after our last job
         self.rates: dict[str, dict] = {}  # workflow → measured seconds per cost unit
         self.comfy_queue: int | None = None
+        self.checkpoints: list[str] | None = None  # what its ComfyUI offers (None: not read yet)
+        self._checkpoints_read = float("-inf")
         self._active: dict[str, str | None] = {}  # task id → ComfyUI prompt id (None until submitted)
-        self._cancelled: set[str] = set()
+        self._cancelled: set[str] = set()  # cancels sent to ComfyUI for jobs still active here
+        self._cancel_pending: set[str] = set()  # cancels asked before the prompt reached ComfyUI
+        self._revokes_seen: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -61,11 +67,19 @@ class WorkerRuntime:
     def job_submitted(self, task_id: str, prompt_id: str) -> None:
         with self._lock:
             self._active[task_id] = prompt_id
+            pending = task_id in self._cancel_pending
+        if pending:
+            self.cancel_local(task_id)
 
     def job_ended(self, task_id: str) -> None:
         with self._lock:
             self._active.pop(task_id, None)
             self._cancelled.discard(task_id)
+            self._cancel_pending.discard(task_id)
+
+    def cancel_was_sent(self, task_id: str) -> bool:
+        with self._lock:
+            return task_id in self._cancelled
 
     def active(self) -> dict[str, str | None]:
         with self._lock:
@@ -94,8 +108,13 @@ class WorkerRuntime:
     def cancel_local(self, task_id: str) -> bool:
         """Tell ComfyUI to drop this job's prompt, if this process runs it and has submitted it."""
         with self._lock:
-            prompt_id = self._active.get(task_id)
-            if prompt_id is None or task_id in self._cancelled:
+            if task_id not in self._active:
+                return False
+            prompt_id = self._active[task_id]
+            if prompt_id is None:  # not in ComfyUI yet: cancelled as soon as it is submitted
+                self._cancel_pending.add(task_id)
+                return False
+            if task_id in self._cancelled:
                 return False
             self._cancelled.add(task_id)
         try:
@@ -112,10 +131,24 @@ class WorkerRuntime:
     def _comfy_system_stats(self) -> dict:
         return self.client.system_stats().raw
 
+    def _read_checkpoints(self) -> None:
+        """The checkpoint files its ComfyUI can load, every CHECKPOINTS_REFRESH seconds: dispatch
+        sends a job only to GPUs that have its model, and the fleet remembers them (registry)."""
+        if time.monotonic() - self._checkpoints_read < self.settings.checkpoints_refresh:
+            return
+        try:
+            nodes = self.client.object_info("CheckpointLoaderSimple")
+        except ComfyError as exc:
+            log.warning("could not read ComfyUI's checkpoints: %s", exc)
+            return
+        self._checkpoints_read = time.monotonic()
+        self.checkpoints = checkpoint_names(nodes)
+
     def heartbeat(self) -> dict:
         try:
             self.comfy_queue = self.client.prompt_queue_remaining()
             comfy_ok = True
+            self._read_checkpoints()
         except ComfyError:
             comfy_ok = False
         gpu = self.probe.read()
@@ -129,6 +162,7 @@ class WorkerRuntime:
             "comfyui_ok": comfy_ok, "comfyui_queue": self.comfy_queue if comfy_ok else None,
             "running": running, "concurrency": self.settings.worker_concurrency, "draining": self.draining,
             "gpu": gpu.as_dict(), "host_stats": host_stats().as_dict(), "checkpoint": checkpoint,
+            "checkpoints": self.checkpoints,
             "rates": rates, "started_at": self.started_at,
         }
 
@@ -139,9 +173,13 @@ class WorkerRuntime:
     def start_background(self, celery_app) -> None:
         if self._threads:
             return
+        from workers.tasks import collect  # the job path's own way of storing outputs and finishing
+
         self.monitor = Monitor(self.store, self.registry, celery_app, self.instance, self.settings.max_attempts,
                                self.settings.heartbeat_interval, comfy_cancel=_cancel_elsewhere,
-                               notifier=self.notifier, webhook_resend_after=self.settings.webhook_resend_after)
+                               notifier=self.notifier, webhook_resend_after=self.settings.webhook_resend_after,
+                               grace=self.settings.reconcile_grace, job_timeout=self.settings.job_timeout,
+                               collect=lambda record: collect(self, record))
         for target, name in ((self._heartbeat_loop, "heartbeat"), (self._cancel_loop, "cancel-listener")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -154,7 +192,7 @@ class WorkerRuntime:
         self._stop.set()
         try:
             self.registry.withdraw(self.queue)
-            if not self.store.running(self.queue) and not self.store.waiting(self.queue):
+            if not self.store.taken(self.queue) and not self.store.waiting(self.queue):
                 self.registry.forget(self.queue)
         except redis.RedisError:
             pass
@@ -173,12 +211,30 @@ class WorkerRuntime:
     def _sweep_cancels(self) -> None:
         # Pub/sub messages are fire-and-forget; a cancel published while this process was
         # reconnecting is caught here from the task records.
-        running = [t for t, p in self.active().items() if p is not None]
+        running = list(self.active())
         if not running:
             return
         for task_id, record in zip(running, self.store.get_many(running)):
             if record and record.get("cancel_requested"):
                 self.cancel_local(task_id)
+
+    def _watch_revokes(self) -> None:
+        """A Celery revoke (CLI, Flower's Revoke or Terminate) is a cancel request like DELETE.
+        Celery keeps revoked ids in memory only; with the thread pool a revoke does nothing to
+        a running job (celery#5350), so each new id is cancelled here through the task store:
+        a job still in Celery ends cancelled at once, one a worker has is deleted from
+        ComfyUI's queue or interrupted by that worker. Every worker gets the broadcast; the
+        transitions let exactly one of them act."""
+        new = [t for t in list(celery_state.revoked) if t not in self._revokes_seen]
+        for task_id in new:
+            self._revokes_seen.add(task_id)
+            record = self.store.get(task_id)
+            if record is None or record.get("status") in ("succeeded", "failed", "cancelled"):
+                continue
+            result = self.store.cancel(task_id, record)
+            log.info("task %s revoked through Celery: %s", task_id, result.outcome)
+            if task_id in self.active():
+                threading.Thread(target=self.cancel_local, args=(task_id,), daemon=True).start()
 
     def _cancel_loop(self) -> None:
         while not self._stop.is_set():
@@ -186,16 +242,30 @@ class WorkerRuntime:
             try:
                 pubsub.subscribe(CANCEL_CHANNEL)
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=1.0)
+                    message = pubsub.get_message(timeout=0.25)
                     if message and message["type"] == "message":
                         task_id = message["data"].decode()
                         if task_id in self.active():
                             threading.Thread(target=self.cancel_local, args=(task_id,), daemon=True).start()
+                    self._watch_revokes()
             except redis.RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); reconnecting", exc)
                 time.sleep(1.0)
             finally:
                 pubsub.close()
+
+
+def checkpoint_names(nodes: dict) -> list[str] | None:
+    """The choices of CheckpointLoaderSimple's `ckpt_name` in /object_info (both the list form
+    `[[names], {...}]` and the newer `["COMBO", {"options": [names]}]`); None if absent."""
+    node = nodes.get("CheckpointLoaderSimple")
+    spec = ((node.input if node else {}).get("required") or {}).get("ckpt_name") if node else None
+    if not spec:
+        return None
+    if isinstance(spec[0], list):
+        return sorted(str(n) for n in spec[0])
+    options = spec[1].get("options") if len(spec) > 1 and isinstance(spec[1], dict) else None
+    return sorted(str(n) for n in options) if isinstance(options, list) else None
 
 
 def _cancel_elsewhere(comfyui_url: str, prompt_id: str) -> None:

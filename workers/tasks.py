@@ -1,9 +1,12 @@
 """The GPU job: run one rendered workflow on this worker's ComfyUI and record the outcome.
 
-The task renders nothing: it loads the graphs the API rendered (the job's payload), submits
-them, turns ComfyUI's events into throttled progress, stores every output file, and writes
-the final record. The task record in Redis is the truth callers see; the Celery state
-mirrors it for Flower. A ComfyUI that is lost mid-job sends the job to another GPU.
+The task renders nothing. It takes the job (`hand`: the record's transition returns the
+graphs the API rendered), submits them, and moves the record as ComfyUI moves the prompt:
+`start` on ComfyUI's execution_start (until then the job is `queued`, waiting inside ComfyUI),
+`progress` (throttled), one `output` per stored file, then `succeed`, `fail` or `cancel_run`
+(common/lifecycle.py declares each). The task record and its event log are the one home of
+a job's state; Flower sees Celery's own task events. A ComfyUI lost mid-job sends the job to
+another GPU.
 """
 from __future__ import annotations
 
@@ -11,21 +14,25 @@ import io
 import logging
 import time
 import uuid
+from types import SimpleNamespace
+
+import redis
 
 from celery import signals
 from celery.exceptions import Ignore
 from loguru import logger
 
-from common import events
+from common import keys, metrics
 from common.jobs import requeue
+from common.lifecycle import State
 from common.logs import setup_logging
 from common.settings import get_settings
 from common.storage import make_key
+from common.task_store import now_iso
 from common.task_view import image_url
-from common.task_store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, now_iso
 from workers.celery_app import RUN_WORKFLOW, app
 from workers.comfy_client import (
-    Cached, ComfyError, ComfyWaitTimeout, Executing, Failed, Interrupted, Progress, Started, Succeeded,
+    Cached, ComfyClient, ComfyError, ComfyWaitTimeout, Executing, Failed, Interrupted, Progress, Started, Succeeded,
 )
 from workers.joblogs import get_job_logs
 from workers.progress import ProgressTracker
@@ -34,29 +41,60 @@ from workers.runtime import get_runtime
 log = logging.getLogger("comfy.worker")
 
 
-class JobEvents:
-    """One job's progress and output events: into its event log (SSE), and to its webhook when
-    the caller asked for that kind (no more often than WEBHOOK_PROGRESS_INTERVAL for progress)."""
+class Job:
+    """One job this worker has taken: its record as the hand-over returned it, and every
+    transition it makes from here (each one Redis call), with the webhooks the caller asked
+    for (progress no more often than WEBHOOK_PROGRESS_INTERVAL)."""
 
-    def __init__(self, runtime, task_id: str, callback: dict | None):
-        self.runtime, self.task_id, self.callback = runtime, task_id, callback
+    def __init__(self, runtime, record: dict):
+        self.runtime, self.record = runtime, record
+        self.task_id, self.callback = record["task_id"], record.get("callback")
         self.last_hook = float("-inf")
+        self.started_ms: int | None = None
+        self.finished_ms: int | None = None
+
+    def apply(self, name: str, *, fields: dict | None = None, event: dict | None = None, metric_ops=()):
+        return self.runtime.store.apply(
+            name, self.task_id, queue=self.runtime.queue, owner=self.record.get("owner", "anonymous"),
+            instance=self.runtime.instance, fields=fields, event=event, metric_ops=list(metric_ops))
+
+    def start(self, comfy_ms: int | None = None):
+        self.started_ms = int(time.time() * 1000)
+        return self.apply("start", fields={"started_at": now_iso(), "comfy_started_ms": comfy_ms or self.started_ms},
+                          event={"queue": self.runtime.queue, "gpu": self.runtime.queue})
 
     def progress(self, progress: dict) -> None:
-        event_id = events.append(self.runtime.redis, self.task_id, events.PROGRESS, progress)
+        try:  # progress is not worth waiting for Redis: the next update replaces it
+            done = self.runtime.store.apply(
+                "progress", self.task_id, queue=self.runtime.queue, owner=self.record.get("owner", "anonymous"),
+                instance=self.runtime.instance, fields={"progress": progress}, event=progress, wait_out_outage=False)
+        except redis.RedisError as exc:
+            log.warning("task %s: progress not recorded (Redis: %s)", self.task_id, exc)
+            return
         now = time.monotonic()
-        if self.callback and now - self.last_hook >= self.runtime.settings.webhook_progress_interval:
+        if done and self.callback and now - self.last_hook >= self.runtime.settings.webhook_progress_interval:
             self.last_hook = now
-            self._hook(events.PROGRESS, {"task_id": self.task_id, **progress}, event_id)
+            self._hook("progress", {"task_id": self.task_id, **progress}, done.event_id)
 
-    def output(self, index: int, item: dict) -> None:
+    def output(self, index: int, item: dict, result: dict) -> bool:
         data = {"index": index, "url": image_url(self.task_id, index, self.runtime.settings.public_url),
                 "content_type": item["content_type"], "width": item.get("width"), "height": item.get("height"),
                 "size": item["size"]}
-        event_id = events.append(self.runtime.redis, self.task_id, events.OUTPUT, data)
-        self._hook(events.OUTPUT, {"task_id": self.task_id, **data}, event_id)
+        # Stored first: servable now, so the output event's URL works before the job's final event.
+        done = self.apply("output", fields={"result": result}, event=data)
+        if done:
+            self._hook("output", {"task_id": self.task_id, **data}, done.event_id)
+        return done.applied
 
-    def _hook(self, kind: str, data: dict, event_id: str) -> None:
+    def finish(self, name: str, status: str, error: dict | None = None, **fields):
+        ops = metrics.finished_ops(self.record, status, error, started_ms=self.started_ms,
+                                   finished_ms=self.finished_ms)
+        fields = {"finished_at": now_iso(), **({"error": error} if error else {}), **fields}
+        if self.finished_ms:
+            fields["comfy_finished_ms"] = self.finished_ms
+        return self.apply(name, fields=fields, event={"queue": self.runtime.queue}, metric_ops=ops)
+
+    def _hook(self, kind: str, data: dict, event_id: str | None) -> None:
         try:
             self.runtime.notifier.on_event(self.task_id, self.callback, kind, data, event_id)
         except Exception:  # noqa: BLE001 - a webhook never fails a job
@@ -130,65 +168,52 @@ def run_workflow(self, task_id: str) -> dict:
 
 def _run_workflow(self, task_id: str) -> dict:
     runtime = get_runtime()
-    store = runtime.store
-    record = store.get(task_id)
     # The queue this message came from: our own, or another GPU's that an operator told this
     # worker to consume (`celery control add_consumer`) to drain it.
     source = (self.request.delivery_info or {}).get("routing_key") or runtime.queue
-    if record is None or record["status"] != QUEUED or record["queue"] != source:
-        # Cancelled while waiting in Celery (it never reaches the GPU), moved to another GPU,
-        # already running elsewhere (a redelivery), or done: nothing to do.
-        log.info("task %s not started here: %s", task_id,
-                 "no record" if record is None else f"{record['status']} on {record['queue']}")
-        raise Ignore()
-    attempts = int(record.get("attempts", 0)) + 1
-    applied, before = store.transition(
-        task_id, allowed=(QUEUED,), status=RUNNING, on_queue=source, queue=runtime.queue, started_at=now_iso(),
-        gpu=runtime.queue, comfyui=runtime.settings.comfyui_url, worker=runtime.instance, attempts=attempts,
-    )
-    if not applied:
-        log.info("task %s not started here: it became %s", task_id, before)
-        raise Ignore()
+    prompt_id = str(uuid.uuid4())  # chosen here, so the record names the prompt before ComfyUI has it
     runtime.job_started(task_id)
-    log.info("task %s running on %s (attempt %d)", task_id, runtime.queue, attempts)
     try:
-        payload = store.payload(task_id)
-        if payload is None:
-            return _finish_failed(store, task_id, _error("service", "payload_missing",
-                                                         "the job's workflow expired from Redis before it ran"))
-        return _run(self, runtime, {**record, "attempts": attempts, "status": RUNNING}, payload)
+        taken = runtime.store.apply(
+            "hand", task_id, queue=source, to_queue=runtime.queue, instance=runtime.instance, fields={
+                "gpu": runtime.queue, "comfyui": runtime.settings.comfyui_url, "worker": runtime.instance,
+                "prompt_id": prompt_id, "handed_at": now_iso(), "progress": None, "waiting_reason": None},
+            event={"queue": runtime.queue, "gpu": runtime.queue},
+            metric_ops=[("hincrby", keys.task(task_id), "attempts", 1)], want_record=True)
+        if not taken:
+            # Cancelled while waiting in Celery (it never reaches a GPU), moved to another GPU,
+            # taken by another worker (a redelivery), or done: nothing to do.
+            log.info("task %s not taken here: %s", task_id, taken.before or "no record")
+            raise Ignore()
+        job = Job(runtime, taken.record)
+        log.info("task %s handed to %s (attempt %d)", task_id, runtime.queue, int(taken.record.get("attempts", 1)))
+        if taken.payload is None:
+            return _finish_failed(job, _error("service", "payload_missing",
+                                              "the job's workflow expired from Redis before it ran"))
+        with logger.contextualize(prompt_id=prompt_id):
+            return _run_prompt(runtime, job, taken.payload, prompt_id)
     finally:
         get_job_logs().finished(task_id)
         runtime.job_ended(task_id)
 
 
-def _run(task, runtime, record: dict, payload: dict) -> dict:
-    prompt_id = str(uuid.uuid4())
-    with logger.contextualize(prompt_id=prompt_id):
-        return _run_prompt(task, runtime, record, payload, prompt_id)
-
-
-def _run_prompt(task, runtime, record: dict, payload: dict, prompt_id: str) -> dict:
-    store, client, settings = runtime.store, runtime.client, runtime.settings
-    task_id, graph = record["task_id"], payload["graph"]
+def _run_prompt(runtime, job: Job, payload: dict, prompt_id: str) -> dict:
+    client, settings = runtime.client, runtime.settings
+    task_id, graph = job.task_id, payload["graph"]
     job_logs = get_job_logs()
-    store.update(task_id, prompt_id=prompt_id)
     extra = {"extra_pnginfo": {"workflow": payload["ui"]}} if payload.get("ui") else None
     tracker = ProgressTracker(graph, payload.get("progress_repeats"))
-    notes = JobEvents(runtime, task_id, record.get("callback"))
     last_sent, gpu_started, sampled, outcome = 0.0, None, False, None
     try:
         job_logs.submitting(task_id, prompt_id)  # before the POST: ComfyUI logs "got prompt" before answering
         client.submit(graph, prompt_id=prompt_id, extra_data=extra)
-        runtime.job_submitted(task_id, prompt_id)
-        if (store.get(task_id) or {}).get("cancel_requested"):
-            runtime.cancel_local(task_id)
+        runtime.job_submitted(task_id, prompt_id)  # a cancel that came meanwhile goes to ComfyUI now
         for event in client.events(prompt_id, timeout=settings.job_timeout):
             progress = None
             if isinstance(event, Started):
                 job_logs.started(task_id)
                 gpu_started = time.monotonic()
-                store.update(task_id, comfy_started_ms=int(time.time() * 1000))
+                _started(runtime, job)
             elif isinstance(event, Cached):
                 progress = tracker.cached(event.nodes)
             elif isinstance(event, Executing):
@@ -199,111 +224,139 @@ def _run_prompt(task, runtime, record: dict, payload: dict, prompt_id: str) -> d
             elif isinstance(event, (Succeeded, Failed, Interrupted)):
                 job_logs.finished(task_id)
                 outcome = event
-                store.update(task_id, comfy_finished_ms=int(time.time() * 1000))
-            if progress is not None and time.monotonic() - last_sent >= settings.progress_interval:
+                job.finished_ms = int(time.time() * 1000)
+            if progress is not None and job.started_ms and time.monotonic() - last_sent >= settings.progress_interval:
                 last_sent = time.monotonic()
-                task.update_state(state="PROGRESS", meta={"task_id": task_id, "progress": progress.as_dict()})
-                notes.progress(progress.as_dict())
+                job.progress(progress.as_dict())
     except ComfyWaitTimeout:
         runtime.cancel_local(task_id)  # do not leave it running on the GPU
-        return _finish_failed(store, task_id, _error(
+        return _finish_failed(job, _error(
             "service", "job_timeout", f"the job ran longer than JOB_TIMEOUT ({settings.job_timeout:g} s) and was stopped",
             {"prompt_id": prompt_id}))
     except ComfyError as exc:
-        if (store.get(task_id) or {}).get("cancel_requested"):
-            return _finish_cancelled(task, store, task_id)  # e.g. deleted from ComfyUI's queue by our cancel
+        if _cancel_asked(runtime, task_id):
+            return _finish_cancelled(job)  # e.g. deleted from ComfyUI's queue by our cancel
         if exc.retryable:
-            return _retry_elsewhere(runtime, record, exc)
-        return _finish_failed(store, task_id, _error("comfyui", exc.code, exc.message, exc.details))
+            return _retry_elsewhere(runtime, job, exc)
+        return _finish_failed(job, _error("comfyui", exc.code, exc.message, exc.details))
 
     if isinstance(outcome, Succeeded):
+        if job.started_ms is None:  # settled from /history after a dropped socket: it did start
+            _started(runtime, job)
         if gpu_started is not None and sampled:  # a run served from ComfyUI's cache measures nothing
-            runtime.job_measured(record["workflow"], time.monotonic() - gpu_started, float(record.get("cost", 0)),
-                                 record.get("checkpoint"))
-        return _finish_succeeded(runtime, record, prompt_id, tracker, notes)
+            runtime.job_measured(job.record["workflow"], time.monotonic() - gpu_started,
+                                 float(job.record.get("cost", 0)), job.record.get("checkpoint"))
+        return _finish_succeeded(runtime, job, prompt_id, tracker)
     if isinstance(outcome, Failed):
-        return _finish_failed(store, task_id, _error(
+        return _finish_failed(job, _error(
             "comfyui", "execution_error",
             f"{outcome.node_type or 'node'} {outcome.node_id}: {outcome.exception_type}: "
             f"{(outcome.exception_message or '').strip()}",
             outcome.payload()))
     # Interrupted: by our own cancel, or by someone else's global interrupt on that ComfyUI.
-    if (store.get(task_id) or {}).get("cancel_requested"):
-        return _finish_cancelled(task, store, task_id)
-    return _finish_failed(store, task_id, _error(
+    if _cancel_asked(runtime, task_id):
+        return _finish_cancelled(job)
+    return _finish_failed(job, _error(
         "comfyui", "interrupted", "ComfyUI interrupted the prompt (not cancelled through this service)",
         {"prompt_id": prompt_id}))
 
 
-def _retry_elsewhere(runtime, record: dict, exc: ComfyError) -> dict:
+def _started(runtime, job: Job) -> None:
+    """ComfyUI began executing the prompt: the job is `running` from now (not before)."""
+    started = job.start()
+    if started:
+        log.info("task %s running on %s (attempt %d)", job.task_id, runtime.queue, int(job.record.get("attempts", 1)))
+    if started.cancel_requested:
+        runtime.cancel_local(job.task_id)
+    if not started and started.before != State.RUNNING:
+        # The job is not ours any more (moved by failover while this worker looked dead, or
+        # cancelled): stop the prompt, record nothing.
+        runtime.cancel_local(job.task_id)
+        log.warning("task %s started in ComfyUI but is %s here; stopped", job.task_id, started.before)
+        raise Ignore()
+
+
+def _cancel_asked(runtime, task_id: str) -> bool:
+    return runtime.cancel_was_sent(task_id) or bool((runtime.store.get(task_id) or {}).get("cancel_requested"))
+
+
+def _retry_elsewhere(runtime, job: Job, exc: ComfyError) -> dict:
     """ComfyUI went away under the job (unreachable, or restarted and lost the prompt)."""
+    record = job.record
     entry = {"code": exc.code, "gpu": runtime.queue, "message": exc.message}
-    attempts = int(record["attempts"])
+    attempts = int(record.get("attempts", 1))
     if attempts >= runtime.settings.max_attempts:
         attempt_log = [*(record.get("attempt_log") or []), {**entry, "at": now_iso()}]
         gpus = ", ".join(f"{a.get('gpu')} ({a.get('code')})" for a in attempt_log)
-        return _finish_failed(runtime.store, record["task_id"], _error(
+        return _finish_failed(job, _error(
             "comfyui", exc.code, f"ComfyUI failed the job on each of its {attempts} attempts: {gpus}",
             {"attempts": attempt_log}), attempt_log=attempt_log)
-    log.warning("task %s: ComfyUI at %s lost it (%s); moving it", record["task_id"], runtime.settings.comfyui_url,
-                exc.code)
-    requeue(runtime.store, runtime.registry, app, record, from_status=RUNNING, reason=entry, avoid=runtime.queue,
-            owner=runtime.instance)
+    log.warning("task %s: ComfyUI at %s lost it (%s); moving it", job.task_id, runtime.settings.comfyui_url, exc.code)
+    requeue(runtime.store, runtime.registry, app, {**record, "queue": runtime.queue}, reason=entry,
+            avoid=runtime.queue, instance=runtime.instance)
     raise Ignore()
 
 
-def _finish_succeeded(runtime, record: dict, prompt_id: str, tracker: ProgressTracker, notes: JobEvents) -> dict:
-    task_id = record["task_id"]
+def _finish_succeeded(runtime, job: Job, prompt_id: str, tracker: ProgressTracker) -> dict:
+    task_id = job.task_id
     images, files = [], []
     try:
         outputs = runtime.client.outputs(prompt_id)
     except ComfyError as exc:
         if exc.retryable:
-            return _retry_elsewhere(runtime, record, exc)
-        return _finish_failed(runtime.store, task_id, _error("comfyui", exc.code, exc.message, exc.details))
-    current = runtime.store.get(task_id) or {}
-    if current.get("status") != RUNNING or current.get("worker") != runtime.instance:
-        # Another run of this job owns it now (at-least-once delivery): one result set only.
-        log.warning("task %s finished here but is %s elsewhere; result dropped", task_id, current.get("status"))
-        raise Ignore()
+            return _retry_elsewhere(runtime, job, exc)
+        return _finish_failed(job, _error("comfyui", exc.code, exc.message, exc.details))
     for index, out in enumerate(outputs):
-        key = make_key(task_id, index, out.content_type, attempt=int(record["attempts"]))
+        key = make_key(task_id, index, out.content_type, attempt=int(job.record.get("attempts", 1)))
         runtime.storage.put(key, out.data, out.content_type)
         item = {"key": key, "content_type": out.content_type, "size": len(out.data), "node": out.node_id,
                 "filename": out.filename}
         if out.content_type.startswith("image/"):
             item["width"], item["height"] = _image_size(out.data)
             images.append(item)
-            # Stored: servable now, so the output event's URL works before the job's final event.
-            runtime.store.transition(task_id, allowed=(RUNNING,), owner=runtime.instance,
-                                     result={"images": images, "files": files})
-            notes.output(len(images) - 1, item)
+            if not job.output(len(images) - 1, item, {"images": images, "files": files}):
+                # Another run of this job owns it now (at-least-once delivery): one result set only.
+                log.warning("task %s finished here but is no longer ours; result dropped", task_id)
+                raise Ignore()
         else:
             files.append(item)
-    applied, before = runtime.store.transition(
-        task_id, allowed=(RUNNING,), status=SUCCEEDED, owner=runtime.instance, finished_at=now_iso(),
-        result={"images": images, "files": files}, progress=tracker.finished().as_dict())
-    if not applied:
+    done = job.finish("succeed", "succeeded", result={"images": images, "files": files},
+                      progress=tracker.finished().as_dict())
+    if not done:
         # Another run of this job already finished it (at-least-once delivery): one result set.
-        log.warning("task %s finished on ComfyUI but its record is already %s; result dropped", task_id, before)
+        log.warning("task %s finished on ComfyUI but its record is already %s; result dropped", task_id, done.before)
     else:
         log.info("task %s succeeded: %d image(s), %d other file(s)", task_id, len(images), len(files))
-    return {"task_id": task_id, "status": SUCCEEDED if applied else before, "images": len(images)}
+    return {"task_id": task_id, "status": "succeeded" if done else str(done.before), "images": len(images)}
 
 
-def _finish_failed(store, task_id: str, error: dict, **fields) -> dict:
-    applied, before = store.transition(task_id, allowed=(RUNNING,), status=FAILED, owner=get_runtime().instance,
-                                       finished_at=now_iso(), error=error, **fields)
-    if not applied:  # failover gave the job to another run: its outcome is not ours to write
-        log.info("task %s: outcome %s not recorded, the job is %s elsewhere", task_id, error["code"], before)
+def _finish_failed(job: Job, error: dict, **fields) -> dict:
+    done = job.finish("fail", "failed", error, **fields)
+    if not done:  # failover gave the job to another run: its outcome is not ours to write
+        log.info("task %s: outcome %s not recorded, the job is %s elsewhere", job.task_id, error["code"], done.before)
         raise Ignore()
-    log.warning("task %s failed: %s: %s", task_id, error["code"], error["message"])
+    log.warning("task %s failed: %s: %s", job.task_id, error["code"], error["message"])
     raise JobFailed(f"{error['source']}:{error['code']}: {error['message']}")
 
 
-def _finish_cancelled(task, store, task_id: str) -> dict:
-    applied, _ = store.transition(task_id, allowed=(RUNNING,), status=CANCELLED, owner=get_runtime().instance,
-                                  finished_at=now_iso())
-    if applied:
-        task.update_state(state="REVOKED", meta={"task_id": task_id, "reason": "cancelled"})
+def _finish_cancelled(job: Job) -> dict:
+    job.finish("cancel_run", "cancelled")
     raise Ignore()
+
+
+def collect(runtime, record: dict) -> str:
+    """Finish a job whose prompt ComfyUI completed while no worker followed it (its worker died
+    or dropped it; common/reconcile.py): its outputs are collected and stored as the worker would
+    have, on behalf of the worker that took it. No second run."""
+    with ComfyClient(record["comfyui"], timeout=runtime.settings.comfyui_timeout) as client:
+        acting = SimpleNamespace(store=runtime.store, queue=record["queue"], instance=record.get("worker"),
+                                 settings=runtime.settings, notifier=runtime.notifier, client=client,
+                                 storage=runtime.storage, registry=runtime.registry)
+        job = Job(acting, record)
+        try:
+            if record.get("state") == str(State.HANDED) and not job.start():
+                return "not ours"
+            result = _finish_succeeded(acting, job, record["prompt_id"], ProgressTracker({}))
+        except (Ignore, JobFailed) as exc:
+            return f"not collected: {type(exc).__name__}"
+    return str(result.get("status"))

@@ -23,7 +23,7 @@ from common.logs import setup_logging
 from common.settings import get_settings
 from common.task_store import TaskStore, now_iso
 from common.task_view import task_document
-from workers.celery_app import make_celery
+from common.producer import make_celery
 
 log = logging.getLogger("comfy.webhooks")
 
@@ -57,12 +57,8 @@ def _record_state(store: TaskStore, task_id: str, **state) -> None:
     """The final delivery's state, in the record; settled (delivered, failed) leaves the owed
     set, retrying pushes its resend time past the retry."""
     retry_in = state.pop("retry_in", None)
-    if store.redis.exists(f"cs:task:{task_id}"):  # never recreate an expired record
-        store.update(task_id, webhook=state)
-    if retry_in is not None:
-        store.redis.zadd(webhooks.PENDING, {task_id: int((time.time() + retry_in) * 1000)})
-        return
-    store.redis.zrem(webhooks.PENDING, task_id)
+    # One call: never recreates an expired record.
+    store.webhook_state(task_id, state, None if retry_in is None else int((time.time() + retry_in) * 1000))
 
 
 @app.task(bind=True, name=webhooks.DELIVER, acks_late=True, ignore_result=True)
@@ -89,7 +85,7 @@ def deliver(self, task_id: str, kind: str, msg_id: str, data: dict | None = None
             _record_state(store, task_id, state="failed", attempts=attempt - 1, last_status=None,
                           last_error=exc.message, delivered_at=None)
         return "rejected"
-    payload = data if data is not None else task_document(record, None, None, settings.public_url)
+    payload = data if data is not None else task_document(record, None, settings.public_url)
     body = webhooks.envelope(kind, payload)
     status, error = None, None
     try:

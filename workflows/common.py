@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 SEED_MAX = 2**31 - 1
 
@@ -50,6 +50,16 @@ class WorkflowParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     seed: Seed | None = Field(None, description="Noise seed, 0 … 2^31−1; random when omitted, reported back.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats_are_integers(cls, data):
+        # JSON Schema's `integer` (what the OpenAPI document says) includes 25.0, which strict mode
+        # would refuse; read it as the integer it is. A string stays an error.
+        if isinstance(data, dict):
+            return {key: int(value) if type(value) is float and value.is_integer() else value
+                    for key, value in data.items()}
+        return data
 
     def with_seed(self, seed: int):
         return self.model_copy(update={"seed": seed})

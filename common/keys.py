@@ -1,0 +1,104 @@
+"""Every Redis key comfy-service uses, named in one place.
+
+Nothing else builds a `cs:` string. Lua scripts get every key they touch through KEYS
+(built here by the caller), never by string arithmetic inside the script, so a script's
+keys are declared as Redis Cluster requires.
+"""
+from __future__ import annotations
+
+PREFIX = "cs:"
+
+
+# One job -----------------------------------------------------------------------------------
+def task(task_id: str) -> str:
+    """The task record: a hash of JSON values (common/task_store.py)."""
+    return f"{PREFIX}task:{task_id}"
+
+
+def payload(task_id: str) -> str:
+    """The rendered graphs the job runs (JSON)."""
+    return f"{PREFIX}payload:{task_id}"
+
+
+def events(task_id: str) -> str:
+    """The job's event log: a stream the event stream (SSE) and webhooks read."""
+    return f"{PREFIX}events:{task_id}"
+
+
+def logs(task_id: str) -> str:
+    """The job's log lines (ComfyUI's and the worker's): a list of JSON lines."""
+    return f"{PREFIX}logs:{task_id}"
+
+
+def idempotency(owner: str, digest: str) -> str:
+    return f"{PREFIX}idem:{owner}:{digest}"
+
+
+# One GPU queue: the jobs on it in each stage, and their total cost -----------------------------
+def waiting(queue: str) -> str:
+    """Sorted set of jobs waiting in Celery for this GPU (score: enqueue time, ms)."""
+    return f"{PREFIX}queued:{queue}"
+
+
+def handed(queue: str) -> str:
+    """Sorted set of jobs this GPU's worker took and queued inside its ComfyUI (score: hand time)."""
+    return f"{PREFIX}handed:{queue}"
+
+
+def running(queue: str) -> str:
+    """Set of jobs ComfyUI is executing on this GPU."""
+    return f"{PREFIX}running:{queue}"
+
+
+def load(queue: str) -> str:
+    """Total cost of the jobs waiting, handed or running on this GPU, in thousandths of a cost
+    unit (an integer: kept by the scripts that move jobs, never summed per request)."""
+    return f"{PREFIX}loadsum:{queue}"
+
+
+def queue_keys(queue: str) -> list[str]:
+    """A queue's index keys in the order the task store's scripts take them."""
+    return [waiting(queue), handed(queue), running(queue), load(queue)]
+
+
+# The fleet ------------------------------------------------------------------------------------
+WORKERS = f"{PREFIX}workers"  # sorted set: GPU queue → last heartbeat time
+KNOWN_WORKERS = f"{PREFIX}workers:known"  # hash: GPU queue → its last heartbeat's labels (JSON), kept
+
+
+def worker(queue: str) -> str:
+    """A worker's heartbeat (JSON, expires after HEARTBEAT_TTL)."""
+    return f"{PREFIX}worker:{queue}"
+
+
+MONITOR_LOCK = f"{PREFIX}monitor:lock"
+
+# Admission and cancel ------------------------------------------------------------------------
+ACTIVE = f"{PREFIX}active"  # set: every unfinished job (MAX_ACTIVE_JOBS)
+
+
+def active(owner: str | None = None) -> str:
+    """Unfinished jobs of one owner (MAX_ACTIVE_JOBS_PER_KEY), or of the whole service."""
+    return f"{ACTIVE}:{owner}" if owner else ACTIVE
+
+
+def pruned(set_key: str) -> str:
+    """Marks a recent prune of an active set (at most every few seconds)."""
+    return f"{set_key}:pruned"
+
+
+CANCEL_CHANNEL = f"{PREFIX}cancel"  # pub/sub: task ids whose cancel was requested
+
+# Webhooks, metrics, keys, limits ----------------------------------------------------------------
+WEBHOOKS_PENDING = f"{PREFIX}webhooks:pending"  # finished jobs whose final webhook is not settled
+METRIC_COUNTERS = f"{PREFIX}metrics:counters"
+METRIC_LAST_SUCCESS = f"{PREFIX}metrics:last_success"
+
+
+def metric_histogram(name: str) -> str:
+    return f"{PREFIX}metrics:hist:{name}"
+
+
+API_KEYS = f"{PREFIX}apikeys"
+API_KEY_NAMES = f"{PREFIX}apikeys:names"
+RATE_LIMIT_PREFIX = f"{PREFIX}ratelimit"

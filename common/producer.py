@@ -1,0 +1,66 @@
+"""The Celery side both the API and the workers share: the app's configuration, and putting a
+job on a GPU's queue. The API only sends (it imports nothing from `workers/`); workers build
+the same app with their tasks included (workers/celery_app.py).
+
+Configured for long GPU jobs on Redis (docs/operations.md says why for each line): late
+acknowledgement so a job whose worker dies is delivered again, prefetch of one so a worker
+holds only what it can start, a visibility timeout above the longest job so Redis does not
+hand a running job to a second worker, task events on for Flower. No result backend: a job's
+state, progress and outputs live in its task record and event log (common/task_store.py), and
+Flower learns states from task events.
+"""
+from __future__ import annotations
+
+from celery import Celery
+
+from common import broker
+from common.settings import Settings, get_settings
+
+RUN_WORKFLOW = "comfy.run_workflow"
+# The GPU worker's thread pool that maps Flower's Terminate onto a cancel (workers/pool.py).
+WORKER_POOL = "workers.pool:CancellingThreadPool"
+
+
+def make_celery(settings: Settings | None = None, include: tuple[str, ...] = ()) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("comfy_service", broker=settings.redis_url)
+    app.conf.update(
+        # kombu's Redis transport, hardened so a Redis restart does not stop the worker.
+        broker_transport=broker.transport_for(settings.redis_url),
+        task_serializer="json", accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # A broker reconnect must not leave a late-ack job both running here and redelivered.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        # Nothing reads Celery's results: the task record is the one home of a job's state.
+        task_ignore_result=True,
+        # No task-sent events: publishing them serialises every submit on one per-process lock
+        # (half a submit's time in the benchmarks); Flower learns of a job from the worker's
+        # task-received event instead.
+        task_send_sent_event=False,
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+        # `celery -A workers.celery_app worker -Q gpu.<host>.<n>` gets the same pool as
+        # `python -m workers`: threads (control commands answer while jobs run), one slot for
+        # the running prompt and one for the next, already queued inside ComfyUI.
+        worker_pool=WORKER_POOL,
+        worker_concurrency=settings.worker_concurrency,
+        # Jobs are always routed to a GPU queue by the dispatcher; nothing uses the default queue.
+        task_default_queue="comfy.unrouted",
+        task_create_missing_queues=True,
+        include=list(include),
+    )
+    return app
+
+
+def send(celery: Celery, task_id: str, queue: str, record: dict) -> None:
+    """Put a job on a GPU's queue. The message carries only the task id (the graphs are in the
+    job's payload key), so a job moves to another GPU by a new message, and Flower lists a
+    one-line summary instead of kilobytes of graph."""
+    params = record.get("params") or {}
+    celery.send_task(RUN_WORKFLOW, args=[task_id], task_id=task_id, queue=queue,
+                     kwargsrepr=repr({"workflow": record["workflow"], "seed": params.get("seed"),
+                                      "attempt": int(record.get("attempts", 0)) + 1}))
