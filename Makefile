@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 CHAOS_ARGS ?=
 
-.PHONY: install run sim test bench chaos clean
+.PHONY: install run sim test bench chaos clean setup images
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,19 @@ run: $(STAMP)
 sim: $(STAMP)
 	$(PY) -m comfyui_sim --port $${COMFYUI_SIM_PORT:-8188}
 
-test: $(STAMP)
+# What the tests need beyond Python (Redis, nginx, Prometheus, Alertmanager; podman for the
+# built-fleet test): installed by deploy/setup-host.sh as root with apt, else it names the command.
+setup:
+	bash deploy/setup-host.sh
+
+test: setup $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every image the project owns (API, worker: also the simulator, Flower, webhooks and alert
+# receiver): docker, else podman. OFFLINE=1: base images from Debian's archive (docs/deploy.md).
+# COMFYUI=1 also builds deploy/comfyui (needs the CUDA base image and GitHub).
+images:
+	bash deploy/images/build.sh $(if $(OFFLINE),--offline) $(if $(COMFYUI),--comfyui)
 
 # The benchmark suite (bench/README.md): a few minutes; writes bench/results.json and docs/performance.md.
 bench: $(STAMP)

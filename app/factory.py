@@ -11,6 +11,7 @@ from app import errors, security
 from app.errors import error_response
 from app.metrics import blueprint as metrics_blueprint
 from app.openapi import openapi_document
+from app.proxies import ProxyMiddleware, TrustedProxies
 from app.routes import api, probes
 from app.services import Services
 from app.sse import blueprint as events_blueprint
@@ -45,6 +46,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.register_blueprint(events_blueprint, url_prefix="/api/v1")
     app.register_blueprint(probes)
     app.register_blueprint(metrics_blueprint)
+    proxies = TrustedProxies(settings.trusted_proxies)
+    if proxies:  # the caller's address behind nginx, for rate limits and logs (app/proxies.py)
+        app.wsgi_app = ProxyMiddleware(app.wsgi_app, proxies)
     document = openapi_document(app.extensions["comfy"].catalog)
 
     @app.get("/openapi.json")

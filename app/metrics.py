@@ -5,6 +5,7 @@ endpoint correct under any number of gunicorn processes, API replicas and worker
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 
@@ -12,8 +13,7 @@ from flask import Blueprint, Response, current_app
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from common import metrics
-from common import keys
+from common import keys, metrics, webhooks
 from common.registry import WORKERS
 
 blueprint = Blueprint("metrics", __name__)
@@ -36,6 +36,7 @@ class RedisCollector:
         pipe.hgetall(metrics.COUNTERS)
         pipe.get(metrics.LAST_SUCCESS)
         pipe.zrange(WORKERS, 0, -1, withscores=True)
+        pipe.hgetall(keys.KNOWN_WORKERS)
         for name in metrics.HISTOGRAMS:
             pipe.hgetall(metrics.histogram_key(name))
         for queue in known:
@@ -44,19 +45,26 @@ class RedisCollector:
             pipe.zcard(keys.handed(queue))
             pipe.scard(keys.running(queue))
         results = pipe.execute()
-        counters, last_success, seen = results[0], results[1], results[2]
-        histograms = dict(zip(metrics.HISTOGRAMS, results[3:3 + len(metrics.HISTOGRAMS)]))
-        per_queue = results[3 + len(metrics.HISTOGRAMS):]
-        yield from self._counters(counters)
+        counters, last_success, seen, labels = results[0], results[1], results[2], results[3]
+        histograms = dict(zip(metrics.HISTOGRAMS, results[4:4 + len(metrics.HISTOGRAMS)]))
+        per_queue = results[4 + len(metrics.HISTOGRAMS):]
+        yield from self._counters(counters, self._workflows())
         yield from self._histograms(histograms)
         yield from self._queues(known, per_queue)
-        yield from self._fleet(svc.registry.alive(), {_text(q): s for q, s in seen})
+        yield from self._fleet(svc.registry.alive(), {_text(q): s for q, s in seen},
+                               {_text(q): _text(v) for q, v in labels.items()})
         if last_success is not None:
             yield GaugeMetricFamily("comfy_last_success_timestamp_seconds",
                                     "Unix time of the last job that succeeded.", value=float(last_success))
 
+    def _workflows(self) -> list[str]:
+        names = list(self.svc.catalog)
+        if self.svc.settings.allow_raw_workflows:
+            names.append("raw")
+        return names
+
     @staticmethod
-    def _counters(raw: dict):
+    def _counters(raw: dict, workflows: list[str]):
         families = {
             "submitted": CounterMetricFamily("comfy_jobs_submitted", "Jobs accepted.", labels=["workflow"]),
             "succeeded": CounterMetricFamily("comfy_jobs_succeeded", "Jobs that succeeded.", labels=["workflow"]),
@@ -67,10 +75,23 @@ class RedisCollector:
                                            "outcome (delivered, retrying, failed: given up, rejected: URL no "
                                            "longer allowed).", labels=["event", "outcome"]),
         }
+        # Every known label set from 0 (increase() counts nothing for a series' first sample),
+        # then whatever Redis holds (including label sets not known here).
+        values: dict[tuple[str, ...], float] = {}
+        for workflow in workflows:
+            for kind in ("submitted", "succeeded", "cancelled"):
+                values[(kind, workflow)] = 0.0
+            for source, code in metrics.KNOWN_FAILURES:
+                values[("failed", workflow, source, code)] = 0.0
+        for event in (*webhooks.FINAL, *webhooks.OPTIONAL_EVENTS):
+            for outcome in metrics.WEBHOOK_OUTCOMES:
+                values[("webhook", event, outcome)] = 0.0
         for field, value in raw.items():
-            kind, *labels = _text(field).split("|")
-            if kind in families:
-                families[kind].add_metric(labels, float(value))
+            values[tuple(_text(field).split("|"))] = float(value)
+        for (kind, *labels), value in values.items():
+            family = families.get(kind)
+            if family is not None and len(labels) == len(family._labelnames):
+                family.add_metric(labels, value)
         yield from families.values()
 
     @staticmethod
@@ -115,7 +136,7 @@ class RedisCollector:
         yield running
 
     @staticmethod
-    def _fleet(alive: list[dict], last_seen: dict[str, float]):
+    def _fleet(alive: list[dict], last_seen: dict[str, float], last_labels: dict[str, str]):
         now = time.time()
         up = GaugeMetricFamily("comfy_worker_up", "1 while a GPU worker's heartbeat is alive.", labels=["queue", "host"])
         comfy = GaugeMetricFamily("comfy_comfyui_up", "1 while the worker's ComfyUI answers.", labels=["queue", "url"])
@@ -141,7 +162,11 @@ class RedisCollector:
         for queue, seen in last_seen.items():
             age.add_metric([queue], max(now - seen, 0.0))
             if queue not in alive_queues:
-                host = queue[4:queue.rfind(".")] if queue.startswith("gpu.") and queue.count(".") >= 2 else ""
+                # The host its last heartbeat named (the queue's name need not contain it).
+                try:
+                    host = json.loads(last_labels[queue]).get("host", "")
+                except (KeyError, ValueError, AttributeError):
+                    host = ""
                 up.add_metric([queue, host], 0.0)
         workers = GaugeMetricFamily("comfy_workers_alive", "GPU workers with a live heartbeat.", value=len(alive))
         yield from (up, comfy, age, util, used, total, temp, workers)

@@ -163,6 +163,8 @@ def install(app: Flask, settings: Settings, client: redis.Redis) -> Limiter | No
         def _rate_limited(exc: RateLimitExceeded):
             current = limiter.current_limit
             wait = max(1, math.ceil(current.reset_at - time.time())) if current is not None else 1
+            log.warning("rate limited: %s from %s on %s %s (%s)", _rate_key(), request.remote_addr, request.method,
+                        request.path, exc.description)
             response = error_response(429, "rate_limited", f"too many requests: at most {exc.description}",
                                       {"limit": exc.description, "retry_after": wait})
             response.headers["Retry-After"] = str(wait)

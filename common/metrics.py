@@ -17,6 +17,32 @@ from common import keys
 
 COUNTERS = keys.METRIC_COUNTERS
 LAST_SUCCESS = keys.METRIC_LAST_SUCCESS
+
+# Every (source, code) a job can fail with. `/metrics` exports each, per known workflow, from 0:
+# Prometheus' increase() only counts from a series' first sample, so a counter that appeared at
+# its first increment would hide that first failure from the error-rate alert.
+# tests/test_metrics_series.py checks this list against the codes the code base can produce.
+KNOWN_FAILURES = (
+    ("service", "broker_unavailable"),
+    ("service", "collect_failed"),
+    ("service", "job_dropped"),
+    ("service", "job_timeout"),
+    ("service", "payload_missing"),
+    ("service", "worker_lost"),
+    ("comfyui", "comfyui_error"),
+    ("comfyui", "execution_error"),
+    ("comfyui", "interrupted"),
+    ("comfyui", "prompt_lost"),
+    ("comfyui", "protocol_error"),
+    ("comfyui", "server_error"),
+    ("comfyui", "timeout"),
+    ("comfyui", "unreachable"),
+    ("comfyui", "validation_error"),
+    ("comfyui", "wait_timeout"),
+)
+# Outcomes of a webhook attempt (workers/webhooks.py); the event types are common/webhooks.py's.
+WEBHOOK_OUTCOMES = ("delivered", "retrying", "failed", "rejected")
+
 # Seconds; GPU jobs run from seconds to many minutes, service overhead in milliseconds.
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 OVERHEAD_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
         "StoryDiffusion_Apply,StoryDiffusion_CLIPTextEncode,StoryDiffusion_KSampler",
         validation_alias="RAW_NODE_ALLOWLIST")
     cors_origins: str = Field("", validation_alias="CORS_ORIGINS", description="Comma list; empty: CORS off.")
+    # Proxies whose X-Forwarded-For is believed (app/proxies.py): addresses, networks or host
+    # names, comma-separated. Empty: the peer address is the caller.
+    trusted_proxies: str = Field("", validation_alias="TRUSTED_PROXIES")
 
     # A worker: the one ComfyUI it drives and the GPU queue it consumes.
     comfyui_url: str = Field("http://127.0.0.1:8188", validation_alias="COMFYUI_URL")

@@ -8,6 +8,11 @@
 - The API under gunicorn (gevent workers) on API_HOST:API_PORT (default http://127.0.0.1:8080:
   loopback, because without API keys the API is open; see docs/security.md).
 - Flower on http://127.0.0.1:5555.
+
+It supervises them: a worker, simulator, webhook worker, Flower or the API that dies is started
+again, with a log line, while the rest keep running (a SIGKILLed worker's job finishes on another
+GPU meanwhile). One that dies more than RESTART_LIMIT times within RESTART_WINDOW seconds, or the
+private Redis, stops the stack. Ctrl-C (or SIGTERM) stops everything.
 """
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 VAR = REPO / "var"
 BANNER = "=" * 72
+RESTART_LIMIT, RESTART_WINDOW = 5, 60.0
+# Processes whose death stops the stack instead of a restart (their state is the stack's).
+NOT_RESTARTED = ("redis",)
 
 
 def say(message: str) -> None:
@@ -61,14 +69,41 @@ def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 30.0
 class Stack:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.specs: dict[str, tuple[list[str], dict[str, str] | None, bool]] = {}
+        self.restarts: dict[str, list[float]] = {}
         (VAR / "logs").mkdir(parents=True, exist_ok=True)
 
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None, log: bool = True) -> subprocess.Popen:
         out = open(VAR / "logs" / f"{name}.log", "ab") if log else None
         proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                 stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
-        self.procs.append((name, proc))
+        if out is not None:
+            out.close()  # the child has its own copy
+        self.specs[name] = (cmd, env, log)
+        self.procs = [(n, p) for n, p in self.procs if n != name] + [(name, proc)]
         return proc
+
+    def supervise(self) -> str | None:
+        """Start again whatever died (see the module docs); the reason to stop the stack, if any."""
+        for name, proc in list(self.procs):
+            code = proc.poll()
+            if code is None:
+                continue
+            try:  # whatever it started in its session goes with it
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if name in NOT_RESTARTED:
+                return f"{name} exited with {code}"
+            now = time.monotonic()
+            recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_WINDOW] + [now]
+            self.restarts[name] = recent
+            if len(recent) > RESTART_LIMIT:
+                return f"{name} exited {len(recent)} times within {RESTART_WINDOW:.0f}s (last code {code})"
+            say(f"{name} exited with {code}; starting it again (the rest keep running; log: var/logs/{name}.log)")
+            cmd, env, log = self.specs[name]
+            self.spawn(name, cmd, env, log)
+        return None
 
     def stop(self) -> None:
         for name, proc in reversed(self.procs):
@@ -181,11 +216,10 @@ def main() -> int:
         say(f"API     http://{api_host}:{api_port}   (OpenAPI at /openapi.json)")
         _say_access(api_host, redis_url)
         say(f"Flower  http://127.0.0.1:{flower_port}")
-        say("logs in var/logs/; Ctrl-C stops everything")
-        while all(proc.poll() is None for _, proc in stack.procs):
+        say("logs in var/logs/; a process that dies is started again; Ctrl-C stops everything")
+        while (reason := stack.supervise()) is None:
             time.sleep(0.5)
-        dead = [name for name, proc in stack.procs if proc.poll() is not None]
-        say(f"{', '.join(dead)} exited; stopping the rest (see var/logs/)")
+        say(f"{reason}; stopping the rest (see var/logs/)")
         return 1
     except KeyboardInterrupt:
         return 0

@@ -1,8 +1,8 @@
 """Prometheus and Alertmanager configuration: valid, and every alert unit-tested by promtool.
 
-promtool (Debian package `prometheus`) is required: `.ci/run` installs it, and without it these
-tests fail rather than skip. amtool (package `prometheus-alertmanager`) is optional: the
-Alertmanager checks that need it skip when it is missing.
+promtool (Debian package `prometheus`) and amtool (package `prometheus-alertmanager`) are
+required: deploy/setup-host.sh installs both (`make test` and `.ci/run` run it first), and without
+them these tests fail rather than skip. tests/test_alerts_live.py runs both servers for real.
 """
 from __future__ import annotations
 
@@ -156,10 +156,20 @@ def test_alertmanager_routes_and_inhibits():
 
 def amtool() -> str:
     path = shutil.which("amtool")
-    if path is None:
-        pytest.skip("amtool is not installed (Debian package prometheus-alertmanager); "
-                    "alertmanager.yml was only checked structurally")
+    assert path, "amtool is not installed: sudo deploy/setup-host.sh (Debian package prometheus-alertmanager)"
     return path
+
+
+def test_every_receiver_posts_to_a_service_of_the_compose_fleet():
+    """Alertmanager's webhooks go to a service that exists: alert-webhook (deploy/alertlog.py)."""
+    config = yaml.safe_load(ALERTMANAGER.read_text())
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for receiver in config["receivers"]:
+        for hook in receiver["webhook_configs"]:
+            host, port = hook["url"].split("/")[2].split(":")
+            assert host in compose, f"{receiver['name']} posts to {host}, which no compose service provides"
+            assert port in compose[host]["expose"], f"{host} does not expose {port}"
+            assert "deploy.alertlog" in compose[host]["command"]
 
 
 def test_alertmanager_config_is_valid():

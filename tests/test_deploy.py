@@ -105,8 +105,10 @@ def default_cmd(path: Path) -> list[str]:
 
 def test_every_dockerfile_passes_hadolint():
     hadolint = tool("hadolint")
-    found = sorted(p for p in repo_files() if p.name == "Dockerfile" or p.name.startswith("Dockerfile."))
+    found = sorted(p for p in repo_files() if p.name == "Dockerfile" or p.name.startswith("Dockerfile.")
+                   or p.name.endswith(".Dockerfile"))  # also the offline base and the tests' stand-ins
     assert set(DOCKERFILES.values()) <= set(found)
+    assert REPO / "deploy/images/python-debian.Dockerfile" in found
     for path in found:
         result = run([hadolint, "--no-color", str(path)])
         assert result.returncode == 0, f"hadolint {path.relative_to(REPO)}:\n{result.stdout}{result.stderr}"
@@ -163,7 +165,7 @@ def test_comfyui_image_pins_versions_and_keeps_models_out():
     copied = {w for k, a in steps if k == "COPY" and "--from" not in a
               for w in [x for x in a.split() if not x.startswith("--")][:-1]}  # sources, not the destination
     ignore = (COMFYUI_DIR / ".dockerignore").read_text()
-    assert copied == {"constraints.txt", "fetch-models.sh", "entrypoint.sh", "models.txt"}
+    assert copied == {"constraints.txt", "fetch-models.sh", "entrypoint.sh", "models.txt", "prune-outputs.sh"}
     for name in copied:
         assert (COMFYUI_DIR / name).exists() and f"!{name}" in ignore, f"{name} is in the build context"
 
@@ -255,7 +257,8 @@ def test_every_shell_script_parses_and_passes_shellcheck():
     shellcheck = tool("shellcheck")
     scripts = shell_scripts()
     expected = {REPO / ".ci" / "run", COMFYUI_DIR / "install.sh", COMFYUI_DIR / "fetch-models.sh",
-                COMFYUI_DIR / "entrypoint.sh"}
+                COMFYUI_DIR / "entrypoint.sh", COMFYUI_DIR / "prune-outputs.sh", REPO / "deploy/setup-host.sh",
+                REPO / "deploy/images/build.sh", REPO / "deploy/images/debian-base.sh"}
     assert expected <= set(scripts), expected - set(scripts)
     for path in scripts:
         shell = "sh" if re.match(rb"#!\s*/bin/sh\b", path.read_bytes()[:20]) else "bash"

@@ -38,7 +38,7 @@ def test_metrics_follow_the_jobs_across_api_processes(fleet_factory):
 
     before = scrape(fleet.url)
     assert value(before, "comfy_workers_alive") == 1
-    assert value(before, "comfy_jobs_submitted_total", workflow="storydiffusion") is None
+    assert value(before, "comfy_jobs_submitted_total", workflow="storydiffusion") == 0.0  # known label sets start at 0 (increase() needs the 0)
 
     ok = [submit(fleet.url, story()) for _ in range(2)]
     for task in ok:

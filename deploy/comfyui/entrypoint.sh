@@ -47,7 +47,7 @@ retention="${COMFYUI_OUTPUT_RETENTION_MINUTES:-1440}"
 if [[ "$retention" =~ ^[0-9]+$ ]] && ((retention > 0)); then
   (
     while sleep 600; do
-      find "$data/output" "$data/temp" -type f -mmin "+$retention" -delete 2>/dev/null || true
+      /opt/comfyui/prune-outputs.sh "$data" "$retention" 2>/dev/null || true
     done
   ) &
 fi

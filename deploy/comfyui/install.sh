@@ -194,6 +194,7 @@ step_sources() {
     die "ComfyUI_StoryDiffusion is at $plugin, not $STORYDIFFUSION_REF"
   fi
   install -m 0755 "$here/fetch-models.sh" "$prefix/fetch-models.sh"
+  install -m 0755 "$here/prune-outputs.sh" "$prefix/prune-outputs.sh"
   install -m 0644 "$here/models.txt" "$prefix/models.txt"
   install -m 0644 "$here/constraints.txt" "$prefix/constraints.txt"
 }
@@ -303,7 +304,7 @@ render() {
 step_units() {
   ((do_systemd)) || { log "systemd: skipped (--no-systemd)"; return 0; }
   log "systemd units"
-  local unit changed=0 units=("comfyui@.service")
+  local unit changed=0 units=("comfyui@.service" "comfyui-prune@.service" "comfyui-prune@.timer")
   if ((do_worker)); then units+=("comfy-worker@.service"); fi
   for unit in "${units[@]}"; do
     if render "$unit" | cmp -s - "/etc/systemd/system/$unit"; then
@@ -317,7 +318,7 @@ step_units() {
   if ((changed)); then systemctl daemon-reload; fi
   local gpu names=()
   for gpu in ${gpus//,/ }; do
-    names+=("comfyui@$gpu.service")
+    names+=("comfyui@$gpu.service" "comfyui-prune@$gpu.timer")
     if ((do_worker)); then names+=("comfy-worker@$gpu.service"); fi
   done
   systemctl enable --quiet "${names[@]}"
