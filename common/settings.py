@@ -4,7 +4,7 @@ from __future__ import annotations
 import socket
 from functools import cache
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     redis_outage_tolerance: float = Field(120.0, ge=0, validation_alias="REDIS_OUTAGE_TOLERANCE")
     comfyui_unreachable_deadline: float = Field(60.0, gt=0, validation_alias="COMFYUI_UNREACHABLE_DEADLINE")
     comfyui_stall_timeout: float = Field(60.0, gt=0, validation_alias="COMFYUI_STALL_TIMEOUT")
+
+    # Autoscaling (common/scaling.py): the decision the API exports for KEDA and `make run`.
+    scale_target_wait: float = Field(60.0, gt=0, validation_alias="SCALE_TARGET_WAIT",
+                                     description="Seconds a job should wait at most for a GPU.")
+    scale_min_gpus: int = Field(0, ge=0, validation_alias=AliasChoices("SCALE_MIN_GPUS", "AUTOSCALE_MIN"))
+    scale_max_gpus: int = Field(8, ge=1, validation_alias=AliasChoices("SCALE_MAX_GPUS", "AUTOSCALE_MAX"))
+    # Until a GPU reports its measured cold start (ComfyUI start plus model load).
+    scale_cold_start: float = Field(120.0, ge=0, validation_alias="SCALE_COLD_START")
+    scale_down_delay: float = Field(300.0, ge=0, validation_alias="SCALE_DOWN_DELAY",
+                                    description="Seconds a GPU must be idle before it may be retired.")
 
     # Jobs.
     job_timeout: float = Field(3600.0, gt=0, validation_alias="JOB_TIMEOUT", description="Longest run on ComfyUI.")
@@ -122,6 +132,12 @@ class Settings(BaseSettings):
         if value not in ("local", "s3"):
             raise ValueError("STORAGE_BACKEND must be 'local' or 's3'")
         return value
+
+    @model_validator(mode="after")
+    def _scale_bounds(self) -> "Settings":
+        if self.scale_min_gpus > self.scale_max_gpus:
+            raise ValueError("SCALE_MIN_GPUS must not exceed SCALE_MAX_GPUS")
+        return self
 
     @property
     def queue_name(self) -> str:
