@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements.stamp
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+CHAOS_ARGS ?=
 
-.PHONY: install run sim test bench clean
+.PHONY: install run sim test bench chaos clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,11 @@ test: $(STAMP)
 # The benchmark suite (bench/README.md): a few minutes; writes bench/results.json and docs/performance.md.
 bench: $(STAMP)
 	$(PY) -m bench $(BENCH_ARGS)
+
+# The long chaos run (issue 14; bench/chaos.py): 1,000 jobs, 8 GPUs, every fault; writes bench/chaos.json and
+# its section of docs/performance.md. CHAOS_ARGS=--quick: 300 jobs on 4 GPUs.
+chaos: $(STAMP)
+	$(PY) -m bench.chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -15,6 +15,7 @@ import sys
 
 import redis
 
+from common import redis_conn
 from common.apikeys import KeyStore, parse_env_keys
 from common.settings import get_settings
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = get_settings()
-    store = KeyStore(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5))
+    store = KeyStore(redis_conn.connect(settings, socket_connect_timeout=5, socket_timeout=5))
     try:
         if args.command == "add":
             key = store.add(args.name)

@@ -35,7 +35,10 @@ SCHEMAS = {
             "gpu": {"type": "object", "description": "available, source (nvml, gputil, comfyui, none), name, "
                                                      "utilization, memory_used_mb, memory_total_mb, temperature_c."},
             "host_stats": {"type": "object", "description": "cpu_percent, ram_used_mb, ram_total_mb, load_avg_1m."},
-            "checkpoint": NULLABLE_STR, "rates": {"type": "object", "description": "Measured seconds per cost unit "
+            "checkpoint": NULLABLE_STR,
+            "checkpoints": {"type": ["array", "null"], "items": {"type": "string"},
+                            "description": "The checkpoints its ComfyUI offers (null until read)."},
+            "rates": {"type": "object", "description": "Measured seconds per cost unit "
                                                                                   "by workflow."},
             "started_at": {"type": "string"},
             "waiting": {"type": "integer", "minimum": 0, "description": "Jobs queued for it, not started."},
@@ -162,11 +165,14 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                     "422": _error_response(
                         "Unknown workflow (unknown_workflow) or invalid parameters (invalid_parameters: "
                         "details.errors names each field); a gpu or host pin naming nothing the fleet has ever "
-                        "registered (unknown_gpu: details.available lists its GPU queues and hosts); a callback the service will not call: webhooks_disabled "
+                        "registered (unknown_gpu: details.available lists its GPU queues and hosts); a checkpoint no GPU of the "
+                        "fleet has ever offered (unknown_checkpoint: details.available lists those offered); a "
+                        "callback the service will not call: webhooks_disabled "
                         "(no WEBHOOK_SECRET / WEBHOOK_ALLOWED_HOSTS here), invalid_callback_url, "
                         "callback_not_allowed (host not allowed), invalid_callback_events."),
                     "503": _error_response("Redis is down (broker_unavailable), no healthy GPU worker is available "
-                                           "(no_worker), or the pinned GPU or host is known but down (gpu_unavailable)."),
+                                           "(no_worker, also when only GPUs that are down have its checkpoint, unless WAIT_FOR_GPUS), or "
+                                           "the pinned GPU or host is known but down (gpu_unavailable)."),
                 }}},
             "/api/v1/tasks/{task_id}": {
                 "parameters": [task_id],
@@ -226,8 +232,11 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
             "/api/v1/workflows": {"get": {
                 "summary": "Workflows and their parameters as JSON Schema", "operationId": "listWorkflows",
                 "responses": {"200": {"description": "The workflows.", "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["workflows"], "properties": {"workflows": {
-                        "type": "array", "items": {"$ref": "#/components/schemas/WorkflowInfo"}}}}}}}}}},
+                    "type": "object", "required": ["workflows", "checkpoints"], "properties": {"workflows": {
+                        "type": "array", "items": {"$ref": "#/components/schemas/WorkflowInfo"}},
+                        "checkpoints": {"type": "array", "items": {"type": "string"}, "description": (
+                            "The checkpoints the live GPUs offer now (a `checkpoint` parameter no GPU ever offered "
+                            "is 422 unknown_checkpoint).")}}}}}}}}},
             "/api/v1/workers": {"get": {
                 "summary": "The live GPU workers (heartbeats)", "operationId": "listWorkers",
                 "responses": {"200": {"description": "The fleet.", "content": {"application/json": {"schema": {

@@ -14,7 +14,7 @@ from app.errors import ServiceError, field_errors
 from app.security import current_caller, load_task, owns, task_not_found, valid_task_id
 from common.task_view import API, task_document
 from common.task_store import QUEUED, TERMINAL, now_iso
-from common.dispatch import JobSpec, choose, healthy
+from common.dispatch import JobSpec, choose, healthy, known_checkpoints, waiting_queue
 from common.producer import send
 from common import events, keys, metrics, webhooks
 from workflows import raw
@@ -208,14 +208,27 @@ def generate():
         payload = {"graph": rendered.api, "ui": rendered.ui, "progress_repeats": rendered.progress_repeats}
 
     job = JobSpec(workflow=name, cost=rendered.cost, checkpoint=rendered.checkpoint, **pin)
-    queue = choose(svc.registry.alive(), job)
+    known = _check_checkpoint_known(rendered.checkpoint) if rendered.checkpoint else None
+    policy = svc.settings.dispatch_policy
+    turn = int(svc.redis.incr(keys.DISPATCH_TURN)) if policy == "round_robin" else 0
+    queue = choose(svc.registry.alive(), job, policy=policy, turn=turn)
+    waiting_reason = None
     if queue is None:
         if pin:
             _check_pin_known(pin)
+        if svc.settings.wait_for_gpus:  # GPUs come and go: wait for one that fits
+            queue = waiting_queue(known if known is not None else svc.registry.known(), job)
+            if queue is not None:
+                waiting_reason = (f"no live GPU can run it now ({_needs(job)}); it waits for {queue} or another "
+                                  "GPU that fits to come up")
+        if queue is None and pin:
             raise ServiceError(503, "gpu_unavailable", f"no healthy GPU matches {pin}", {"workflow": name, **pin},
                                headers={"Retry-After": "5"})
-        raise ServiceError(503, "no_worker", "no healthy GPU worker is available for this workflow",
-                           {"workflow": name}, headers={"Retry-After": "5"})
+        if queue is None:
+            message = (f"no healthy GPU worker with checkpoint {job.checkpoint!r} is available" if job.checkpoint
+                       else "no healthy GPU worker is available for this workflow")
+            raise ServiceError(503, "no_worker", message, {"workflow": name, "checkpoint": job.checkpoint},
+                               headers={"Retry-After": "5"})
     record = {
         "task_id": task_id, "status": QUEUED, "workflow": name, "queue": queue, "params": rendered.params,
         "owner": owner, "created_at": now_iso(), "created_ms": int(time.time() * 1000),
@@ -224,6 +237,8 @@ def generate():
     }
     if callback:
         record["callback"] = callback
+    if waiting_reason:
+        record["waiting_reason"] = waiting_reason
     idempotency = None
     if idem_key:
         ttl = min(IDEMPOTENCY_TTL, svc.settings.result_ttl)
@@ -313,6 +328,24 @@ def _wait_final(task_id: str, after: str, seconds: float) -> None:
             after = event.id
 
 
+def _needs(job: JobSpec) -> str:
+    wants = [f"checkpoint {job.checkpoint}"] if job.checkpoint else []
+    wants += [f"{k} {v}" for k, v in (("gpu", job.gpu), ("host", job.host)) if v]
+    return ", ".join(wants) or "any GPU"
+
+
+def _check_checkpoint_known(checkpoint: str) -> dict:
+    """A checkpoint no GPU of the fleet has ever offered never reaches ComfyUI: 422 listing the
+    ones that were. Returns the fleet's known GPUs (their labels) for the caller to reuse."""
+    known = services().registry.known()
+    offered = known_checkpoints(known)
+    if offered and checkpoint not in offered:
+        raise ServiceError(422, "unknown_checkpoint",
+                           f"checkpoint: no GPU of this fleet has ever offered {checkpoint[:200]!r}",
+                           {"field": "checkpoint", "checkpoint": checkpoint, "available": sorted(offered)})
+    return known
+
+
 def _check_pin_known(pin: dict) -> None:
     """A pin naming a GPU or host the fleet has never had is the caller's mistake (422), not a
     GPU that is down now (503)."""
@@ -350,11 +383,12 @@ def get_image(task_id: str, index: str):
 
 @api.get("/workflows")
 def list_workflows():
+    live = services().registry.alive()
     return jsonify({"workflows": [
         {"name": w.name, "title": w.title, "description": w.description, "default": w.name == DEFAULT_WORKFLOW,
          "parameters": w.json_schema()}
         for w in services().catalog.values()
-    ]})
+    ], "checkpoints": sorted({c for w in live for c in (w.get("checkpoints") or ())})})
 
 
 @api.get("/workers")

@@ -146,8 +146,11 @@ def install(app: Flask, settings: Settings, client: redis.Redis) -> Limiter | No
     generate = _limits(settings.rate_limit_generate, "RATE_LIMIT_GENERATE")
     if overall or generate:
         limiter = Limiter(
-            _rate_key, app=app, storage_uri=settings.redis_url,
-            storage_options={"connection_pool": client.connection_pool},  # the API's pool (app/services.py)
+            # The counters use the API's own pool (app/services.py): bounded, and on the master
+            # whether REDIS_URL names one server or Sentinels. The URI only picks limits' Redis
+            # storage; with a pool given, limits reads no address from it.
+            _rate_key, app=app, storage_uri="redis://",
+            storage_options={"connection_pool": client.connection_pool},
             strategy="fixed-window", key_prefix=keys.RATE_LIMIT_PREFIX, headers_enabled=False,
             # One budget over every /api/v1 route, and a tighter one on submissions.
             application_limits=[overall] if overall else [],

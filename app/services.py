@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import redis
 from celery import Celery
 
+from common import redis_conn
 from common.registry import Registry
 from common.settings import Settings
 from common.storage import Storage, make_storage
@@ -30,14 +31,13 @@ class Services:
     def build(cls, settings: Settings) -> "Services":
         # Blocking pools: under gevent hundreds of requests run at once, and redis-py's default
         # pool raises "Too many connections" past 100; these make a request wait for a free one.
-        client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_max_connections, timeout=5, socket_timeout=5,
-            socket_connect_timeout=2, health_check_interval=30, client_name="comfy-api"))
+        client = redis_conn.connect(settings, max_connections=settings.redis_max_connections, wait=5,
+                                    socket_timeout=5, socket_connect_timeout=2, health_check_interval=30,
+                                    client_name="comfy-api")
         # Event streams wait in XREAD BLOCK, each holding a connection: a pool of their own, one
         # connection per stream the process admits, so they never starve ordinary requests.
-        events_client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.sse_max_streams, timeout=5, socket_timeout=10,
-            socket_connect_timeout=2, health_check_interval=30))
+        events_client = redis_conn.connect(settings, max_connections=settings.sse_max_streams, wait=5,
+                                           socket_timeout=10, socket_connect_timeout=2, health_check_interval=30)
         celery = make_celery(settings)
         notifier = Notifier(celery, settings.webhook_queue)
         store = TaskStore(client, settings.result_ttl, settings.events_ttl, notify=notifier.on_status)

@@ -20,9 +20,9 @@ from bench import harness, report
 
 REPO = Path(__file__).resolve().parents[1]
 # Cheapest first; each module's run(quick) returns the figure's dict.
-FIGURES = ["commands", "idle", "overhead", "cancel", "progress", "dispatch", "throughput", "scale"]
+FIGURES = ["commands", "memory", "idle", "overhead", "cancel", "progress", "dispatch", "throughput", "scale"]
 # Wall-clock limit per figure (full run); a figure past it is stopped and reported as failed.
-LIMITS = {"commands": 90, "idle": 60, "overhead": 120, "cancel": 90, "progress": 90, "dispatch": 150, "throughput": 150,
+LIMITS = {"commands": 90, "memory": 150, "idle": 60, "overhead": 120, "cancel": 90, "progress": 90, "dispatch": 150, "throughput": 150,
           "scale": 180}
 
 
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                "host": harness.host_info(), "figures": {k: figures[k] for k in FIGURES if k in figures}}
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    doc = report.write(results, docs_dir)
+    chaos_path = results_path.parent / "chaos.json"  # `make chaos` (bench/chaos.py) keeps its own results
+    doc = report.write(results, docs_dir, chaos=json.loads(chaos_path.read_text()) if chaos_path.exists() else None)
     print(f"bench: {len(chosen)} figure(s) in {results['run_seconds']:.0f} s → {results_path.relative_to(REPO) if results_path.is_relative_to(REPO) else results_path}, "
           f"{doc.relative_to(REPO) if doc.is_relative_to(REPO) else doc}")
     return 0

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 ORDER = [("overhead", 1), ("idle", 2), ("dispatch", 3), ("cancel", 4), ("throughput", 5), ("progress", 6),
-         ("scale", 7), ("commands", 8)]
+         ("scale", 7), ("commands", 8), ("memory", 9)]
 STAGES = {"celery_api": "in Celery → API shows cancelled", "pending_sim": "pending in ComfyUI → deleted there",
           "pending_api": "pending in ComfyUI → API shows cancelled", "running_interrupt": "running → interrupt reaches ComfyUI",
           "running_sim": "running → prompt stopped", "running_api": "running → API shows cancelled"}
@@ -360,11 +360,90 @@ def commands(f: dict, docs: Path) -> list[str]:
             f"per-job commands: {per}."]
 
 
-SECTIONS = {"commands": commands, "overhead": overhead, "idle": idle, "dispatch": dispatch, "cancel": cancel, "throughput": throughput,
+def memory(f: dict, docs: Path) -> list[str]:
+    v = f["value"]
+    rows = ["| one job (the last submitted) | key | bytes |", "|---|---|---|"]
+    for stage, parts in v["one_job"].items():
+        rows += [f"| {stage} | {name} | {size:,} |" for name, size in parts.items()]
+    return [f"Per job over {v['jobs']} StoryDiffusion jobs (2 characters, 4 scenes, 768×768), `used_memory` after "
+            f"less before: waiting {v['waiting_bytes']:,} B (goal ≤ {f['goals']['waiting_bytes']:,}); finished, "
+            f"while its event log is kept (`EVENTS_TTL`) {v['finished_with_event_log_bytes']:,} B; finished, for "
+            f"`RESULT_TTL` {v['finished_bytes']:,} B (goal ≤ {f['goals']['finished_bytes']:,}). Redis sizing in "
+            "docs/deploy.md follows from these figures.", "", *rows]
+
+
+SECTIONS = {"commands": commands, "memory": memory, "overhead": overhead, "idle": idle, "dispatch": dispatch, "cancel": cancel, "throughput": throughput,
             "progress": progress, "scale": scale}
 
 
-def write(results: dict, docs: Path) -> Path:
+def empty_results(host: dict) -> dict:
+    """results.json's shape with no figure measured (a chaos run before any `python -m bench`)."""
+    from datetime import datetime, timezone
+
+    return {"generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": False, "ran": [],
+            "run_seconds": 0.0, "load_avg_before": 0.0, "host": host, "figures": {}}
+
+
+def chaos_section(c: dict) -> list[str]:
+    """`make chaos` (bench/chaos.py): issue 14's bar, what broke it, and the evidence."""
+    p = c["plan"]
+    verdict = "met" if c["verdict"] == "met" else "**MISSED**"
+    faults = ["| # | fault | target | at s | back s |", "|---|---|---|---|---|"]
+    faults += [f"| {k + 1} | {e['fault']} | {e.get('target') or e.get('skipped') or e.get('error')} | {e['at']} | "
+               f"{e.get('restored', 'skipped' if 'skipped' in e else 'error')} |" for k, e in enumerate(c["faults"])]
+    never = [s for s in c["stuck"] if s["final_after_s"] is None]
+    rows = ["| | jobs |", "|---|---|",
+            f"| accepted (202) | {c['accepted']} |",
+            f"| refused | {sum(c['refused'].values())}" + "".join(
+                f"; {k}: {v}" + (" (sent +{}…+{} s)".format(*c["refused_when_s"][k]) if k in c.get("refused_when_s", {}) else "")
+                for k, v in c["refused"].items()) + " |",
+            f"| refused or unanswered, but queued anyway | {c['refused_but_queued'] + c['accepted_without_answer']} |",
+            f"| succeeded | {c['succeeded']} |",
+            f"| failed | {sum(c['failed'].values())}" + "".join(f"; {k}: {v}" for k, v in c["failed"].items()) + " |",
+            f"| **lost** (record gone) | {len(c['lost'])} |",
+            f"| **stuck** (not final by the deadline) | {len(c['stuck'])}, of which never final: {len(never)} |",
+            f"| **duplicated** (needless second run, or second result set) | {len(c['duplicated'])} |",
+            f"| every job final after the last fault | "
+            f"{'%.1f s' % c['recovery_s'] if c['recovery_s'] is not None else 'never'} (deadline "
+            f"{c['deadline_s'] - c['last_fault_s']:.1f} s: 60 s + {c['run_time_allowance_s']} s of GPU work left) |"]
+    sub = c["submit"]
+    lines = [f"{verdict}: {c['summary']}", "",
+             f"Measured {c['measured_at']}{' (reduced: --quick)' if c.get('quick') else ''}, {c['seconds']:.0f} s; "
+             f"other processes used {c.get('foreign_cpu_cores', '–')} cores meanwhile. {p['jobs']} jobs on {p['gpus']} "
+             f"simulated GPUs ({p['step_seconds'] * 1000:g} ms per step), {p['rate_per_s']:g} submissions/s, "
+             f"{p['api_processes']} API processes; settings {', '.join(f'{k}={v}' for k, v in p['settings'].items())}. "
+             "How each verdict is decided: `tests/support/chaos.py`.", "", *rows, "", *faults, "",
+             f"POST /generate: p50 {sub['p50_ms']} ms, p99 {sub['p99_ms']} ms, max {sub['max_ms']} ms. "
+             + " ".join(f"Redis restart: {r['sent_while_down']} submissions sent while it was down "
+                        f"({r['of_them_202']} answered 202, slowest answer {r['slowest_answer_while_down_ms']} ms); "
+                        f"first 202 to a request sent after it came back: {r['first_202_after_s']} s after."
+                        for r in sub["after_redis_restart"]),
+             "", "GPU executions (simulators' journals): "
+             + ", ".join(f"{k} {v}" for k, v in c["gpu_executions"].items()) + "."]
+    if c.get("problems"):
+        lines += ["", "What broke the bar: " + "; ".join(c["problems"]) + "."]
+    if c["stuck"]:
+        lines += ["", "Stuck jobs (first 10):", "", "| task | state | attempts | worker alive / owner / in its heartbeat "
+                  "| Celery message waiting / unacked | its prompt | final later |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| `{s['task_id'][:8]}` | {s.get('state', '–')} | {s.get('attempts', '–')} | "
+                  + (f"{s['worker_alive']} / {s['worker_is_owner']} / {s['in_worker_heartbeat']} | "
+                     f"{s['celery_messages_waiting']} / {s['celery_messages_unacked']} | {s['prompt_in_simulator']} | no |"
+                     if s["final_after_s"] is None else f"– | – | – | {s['final_status']} at +{s['final_after_s']} s |")
+                  for s in c["stuck"][:10]]
+    if c["duplicated"]:
+        lines += ["", "Duplicated jobs (first 10):", "", "| task | status | executions | attempt log | faults meanwhile |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| `{d['task_id'][:8]}` | {d['status']} | {'; '.join(d['executions'])} | "
+                  f"{', '.join(d['attempt_log']) or '–'} | {'; '.join(d['faults_between']) or '–'} |"
+                  for d in c["duplicated"][:10]]
+    if c["log_signals"]:
+        lines += ["", "Worker log lines counted: " + "; ".join(
+            f"{k}: " + ", ".join(f"{proc} {n}" for proc, n in v.items()) for k, v in c["log_signals"].items()) + "."]
+    return lines
+
+
+def write(results: dict, docs: Path, chaos: dict | None = None) -> Path:
+    """`chaos`: the last `make chaos` result (bench/chaos.json), shown in its own section."""
     docs = Path(docs)
     docs.mkdir(parents=True, exist_ok=True)
     figs, host = results["figures"], results["host"]
@@ -393,6 +472,8 @@ def write(results: dict, docs: Path) -> Path:
             lines += [f"The figure failed in this run: `{f['error']}`"]
             continue
         lines += [f"{_verdict(f)}: {f['line']}", "", *SECTIONS[name](f, docs)]
+    if chaos:
+        lines += ["", "## Chaos (`make chaos`)", "", *chaos_section(chaos)]
     path = docs / "performance.md"
     path.write_text("\n".join(lines) + "\n")
     return path

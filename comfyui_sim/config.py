@@ -31,6 +31,7 @@ class Config:
     output_dir: Path | None = None       # None: a fresh temp dir, made when the server starts
     checkpoints: tuple[str, ...] = DEFAULT_CHECKPOINTS
     preview_method: str = "none"
+    record_file: Path | None = None      # also append /sim/record's events here (JSON lines)
 
     @property
     def output_path(self) -> Path:
@@ -60,6 +61,8 @@ _SETTINGS = [
     ("--checkpoints", "COMFYUI_SIM_CHECKPOINTS", str, "checkpoints", "comma-separated checkpoint file names"),
     ("--preview-method", "COMFYUI_SIM_PREVIEW_METHOD", str, "preview_method",
      "none (ComfyUI's default) or auto/latent2rgb/taesd: samplers then send JPEG previews"),
+    ("--record-file", "COMFYUI_SIM_RECORD_FILE", Path, "record_file",
+     "append each /sim/record event (queued, started, ended, deleted) to this file as a JSON line"),
 ]
 
 

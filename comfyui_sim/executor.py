@@ -237,8 +237,7 @@ class Executor:
 
     def put(self, item: list) -> None:
         heapq.heappush(self.queue, (item[0], item[1], next(self._seq), item))
-        self.record.submitted.append(item[1])
-        self.record.queued_at[item[1]] = time.time()
+        self.record.queued(item[1], item[2])
         self.queue_updated()
         self._wake.set()
 
@@ -246,7 +245,7 @@ class Executor:
         return [entry[3] for entry in self.queue]   # heap order, like ComfyUI
 
     def wipe_queue(self) -> None:
-        self.record.deleted.extend(entry[1] for entry in self.queue)
+        self.record.removed([entry[1] for entry in self.queue])
         self.queue = []
         self.queue_updated()
 
@@ -256,7 +255,7 @@ class Executor:
                 if len(self.queue) == 1:
                     self.wipe_queue()   # ComfyUI announces twice when the last one goes
                 else:
-                    self.record.deleted.append(prompt_id)
+                    self.record.removed([prompt_id])
                     self.queue.pop(index)
                     heapq.heapify(self.queue)
                 self.queue_updated()

@@ -6,8 +6,11 @@ benchmarks measure how busy it was kept.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -83,22 +86,61 @@ class Faults:
         return False
 
 
+def output_prefixes(prompt: dict) -> list[str]:
+    """Every `filename_prefix` in a prompt: the service names a job's outputs after its task id,
+    so this tells which job a prompt belongs to without asking the service."""
+    found = []
+    for node in prompt.values():
+        value = (node.get("inputs") or {}).get("filename_prefix") if isinstance(node, dict) else None
+        if isinstance(value, str):
+            found.append(value)
+    return sorted(set(found))
+
+
 @dataclass
 class Record:
-    """What benchmarks read: when the GPU was busy, and what was cancelled."""
+    """What benchmarks read: when the GPU was busy, and what was cancelled.
+
+    With `journal` set (--record-file), each event is also appended there as a JSON line as it
+    happens: the memory record dies with the process, the journal survives a SIGKILL and a
+    restart on the same file (chaos runs count executions across crashes with it)."""
     busy: list = field(default_factory=list)
     deleted: list = field(default_factory=list)
     interrupts: list = field(default_factory=list)
     submitted: list = field(default_factory=list)
     queued_at: dict = field(default_factory=dict)  # prompt id → when /prompt accepted it
     running: dict | None = None
+    journal: Path | None = None
+
+    def __post_init__(self) -> None:
+        self._journal = None
+        if self.journal is not None:
+            # Line-buffered: every line reaches the kernel when written, so a SIGKILL loses none.
+            self._journal = open(self.journal, "a", buffering=1, encoding="utf-8")
+            self._write({"e": "boot", "pid": os.getpid()})
+
+    def _write(self, entry: dict) -> None:
+        if self._journal is not None:
+            self._journal.write(json.dumps({"t": time.time(), **entry}) + "\n")
+
+    def queued(self, prompt_id: str, prompt: dict) -> None:
+        self.submitted.append(prompt_id)
+        self.queued_at[prompt_id] = time.time()
+        self._write({"e": "queued", "prompt_id": prompt_id, "prefixes": output_prefixes(prompt)})
 
     def started(self, prompt_id: str, start: float) -> None:
         self.running = {"prompt_id": prompt_id, "start": start}
+        self._write({"e": "started", "prompt_id": prompt_id, "start": start})
 
     def ended(self, prompt_id: str, start: float, end: float, outcome: str) -> None:
         self.running = None
         self.busy.append({"prompt_id": prompt_id, "start": start, "end": end, "outcome": outcome})
+        self._write({"e": "ended", "prompt_id": prompt_id, "start": start, "end": end, "outcome": outcome})
+
+    def removed(self, prompt_ids: list) -> None:
+        self.deleted.extend(prompt_ids)
+        for prompt_id in prompt_ids:
+            self._write({"e": "deleted", "prompt_id": prompt_id})
 
     def interrupt(self, requested: str | None, interrupted: str | None) -> None:
         self.interrupts.append({"t": time.time(), "requested_prompt_id": requested,

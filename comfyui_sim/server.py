@@ -57,7 +57,7 @@ class Simulator:
         self.registry = NodeRegistry(config.checkpoints, config.input_path)
         self.gpu = Gpu(config.gpu_name, config.vram_gib)
         self.faults = Faults(FaultState(fail_at_step=config.fail_at_step, speed=config.speed))
-        self.record = Record()
+        self.record = Record(journal=config.record_file)
         self.executor = Executor(config, self.hub, self.registry, self.gpu, self.faults, self.record)
 
     async def start(self, app: web.Application) -> None:

@@ -8,6 +8,7 @@ not draining, not excluded (a GPU that just failed this job), and matching a pin
 """
 from __future__ import annotations
 
+import random
 import statistics
 from dataclasses import dataclass, field
 
@@ -30,19 +31,49 @@ def healthy(worker: dict) -> bool:
     return bool(worker.get("comfyui_ok")) and not worker.get("draining", False)
 
 
-def eligible(worker: dict, job: JobSpec) -> bool:
-    if not healthy(worker) or worker["queue"] in job.exclude:
-        return False
+def has_checkpoint(worker: dict, job: JobSpec) -> bool:
+    """The GPU's ComfyUI offers the job's checkpoint (a GPU that has not said yet is given the
+    benefit of the doubt: ComfyUI's own validation names a missing model)."""
+    offered = worker.get("checkpoints")
+    return not job.checkpoint or offered is None or job.checkpoint in offered
+
+
+def matches(worker: dict, job: JobSpec) -> bool:
+    """Pins and model: whether this GPU could ever run the job, healthy or not."""
     if job.gpu and worker["queue"] != job.gpu:
         return False
     if job.host and worker.get("host") != job.host:
         return False
-    return True
+    return has_checkpoint(worker, job)
+
+
+def eligible(worker: dict, job: JobSpec) -> bool:
+    return healthy(worker) and worker["queue"] not in job.exclude and matches(worker, job)
+
+
+def known_checkpoints(known: dict[str, dict]) -> set[str]:
+    """Every checkpoint any GPU the fleet has had offered (registry labels, kept after it left)."""
+    return {c for labels in known.values() for c in (labels.get("checkpoints") or ())}
+
+
+def waiting_queue(known: dict[str, dict], job: JobSpec) -> str | None:
+    """Where a job waits that no live GPU can take: the queue of the GPU the fleet had most
+    recently that could run it (an autoscaler brings that GPU, or another, back; the monitor
+    moves waiting jobs to a live GPU that fits). None when no GPU it ever had fits."""
+    fitting = [(labels.get("last_seen") or 0, queue) for queue, labels in known.items()
+               if matches({**labels, "queue": queue}, job)]
+    return max(fitting)[1] if fitting else None
 
 
 def measured_rate(worker: dict, workflow: str) -> float | None:
     rate = (worker.get("rates") or {}).get(workflow)
     return float(rate["seconds_per_unit"]) if rate and rate.get("seconds_per_unit") else None
+
+
+def measured_fixed(worker: dict, workflow: str) -> float:
+    """The GPU's fixed seconds per prompt (decode, saving, hand-over), learned beside its rate."""
+    rate = (worker.get("rates") or {}).get(workflow)
+    return float(rate.get("seconds_per_prompt") or 0.0) if rate else 0.0
 
 
 def fleet_rate(workers: list[dict], workflow: str) -> float:
@@ -69,8 +100,11 @@ def fleet_seconds_per_unit(workers: list[dict]) -> float | None:
 
 
 def expected_finish(worker: dict, job: JobSpec, default_rate: float) -> float:
+    """Seconds until this job would be done there: every job on the GPU and this one, each its
+    fixed time per prompt plus its cost at the GPU's rate, plus a checkpoint load if needed."""
     rate = measured_rate(worker, job.workflow) or default_rate
-    seconds = (float(worker.get("load", 0.0)) + job.cost) * rate
+    prompts = int(worker.get("jobs", 0)) + 1
+    seconds = (float(worker.get("load", 0.0)) + job.cost) * rate + prompts * measured_fixed(worker, job.workflow)
     if job.checkpoint and worker.get("checkpoint") != job.checkpoint:
         seconds += float(worker.get("checkpoint_load_seconds") or DEFAULT_CHECKPOINT_LOAD_SECONDS)
     return seconds
@@ -88,10 +122,27 @@ def score(worker: dict, job: JobSpec, default_rate: float) -> tuple:
             utilisation, worker["queue"])
 
 
-def choose(workers: list[dict], job: JobSpec) -> str | None:
-    """The queue of the best GPU for `job`, or None when no healthy GPU fits it. O(GPUs)."""
-    candidates = [w for w in workers if eligible(w, job)]
+POLICIES = ("expected_finish", "round_robin", "gpu_cpu_load")
+
+
+def choose(workers: list[dict], job: JobSpec, policy: str = "expected_finish", turn: int = 0,
+           rng: random.Random | None = None) -> str | None:
+    """The queue of the best GPU for `job`, or None when no healthy GPU fits it. O(GPUs).
+
+    `expected_finish` (the service's): earliest expected finish. The two others exist to be
+    measured against it (bench/dispatch.py runs each for real): `round_robin` takes the
+    `turn`-th eligible GPU in queue order; `gpu_cpu_load` the lowest 0.7·GPU utilisation +
+    0.3·host CPU from the heartbeats, ties at random."""
+    candidates = sorted((w for w in workers if eligible(w, job)), key=lambda w: w["queue"])
     if not candidates:
         return None
+    if policy == "round_robin":
+        return candidates[turn % len(candidates)]["queue"]
+    if policy == "gpu_cpu_load":
+        def load(w: dict) -> float:
+            return 0.7 * float((w.get("gpu") or {}).get("utilization") or 0) + \
+                0.3 * float((w.get("host_stats") or {}).get("cpu_percent") or 0)
+        lowest = min(load(w) for w in candidates)
+        return (rng or random).choice([w for w in candidates if load(w) == lowest])["queue"]
     default_rate = fleet_rate(workers, job.workflow)
     return min(candidates, key=lambda w: score(w, job, default_rate))["queue"]

@@ -110,6 +110,9 @@ class Task(Document):
         "queued."))
     progress: Progress | None = Field(None, description=(
         "null while queued, and for a job that failed or was cancelled before it ran."))
+    waiting_reason: str | None = Field(None, description=(
+        "Why a queued job waits beyond its place in line: no live GPU can run it now (its checkpoint, or its pin, "
+        "is on GPUs that are down) and it waits for one to come back (WAIT_FOR_GPUS). null otherwise."))
     params: dict[str, Any] = Field(default_factory=dict, description="The parameters as used, the seed included.")
     created_at: Timestamp = None
     started_at: datetime | None = Field(None, description="When ComfyUI started it.")

@@ -7,7 +7,8 @@ reader computes the same answer from the same Redis, with no state of its own.
 Each live GPU's remaining work is its queue's backlog in cost units (kept by the task store,
 returned by the registry as `load`) times its measured seconds per unit, or the fleet's median
 when it has no history. Work on the queue of a GPU that is down (known, no live heartbeat) is
-stranded: it counts at the fleet's median speed. How long a GPU has been idle is kept in Redis
+stranded: it counts at the fleet's median speed. With WAIT_FOR_GPUS a job that no live GPU can
+take waits on such a queue: that is how the decision sees demand on a fleet scaled to zero. How long a GPU has been idle is kept in Redis
 (`keys.FLEET_IDLE_SINCE`): the first reader that sees it without a job notes the time, the
 first that sees it busy again clears it. The fleet's last measured cold start and median speed
 are kept too (`keys.FLEET_LEARNED`), so a fleet scaled to zero still prices a burst with them.
@@ -56,19 +57,21 @@ def _number(value) -> float | None:
 def assess(client: redis.Redis, registry: Registry, settings: Settings, workers: list[dict] | None = None,
            now: float | None = None) -> Assessment:
     """Read the fleet (reusing `workers`, the registry's `alive()`, when the caller has it) and
-    decide. Three round trips besides the registry's read."""
+    decide. Two round trips besides the registry's read."""
     now = time.time() if now is None else now
     workers = registry.alive() if workers is None else workers
     pipe = client.pipeline(transaction=False)
     pipe.zrange(keys.WORKERS, 0, -1)
+    pipe.hkeys(keys.KNOWN_WORKERS)  # a GPU that left cleanly is forgotten there but stays known here
     pipe.hgetall(keys.FLEET_IDLE_SINCE)
     pipe.hgetall(keys.FLEET_LEARNED)
-    known, idle_since, learned = pipe.execute()
+    registered, labelled, idle_since, learned = pipe.execute()
+    known = sorted({*map(_text, registered), *map(_text, labelled)})
     idle_since = {_text(q): _number(t) for q, t in idle_since.items()}
     learned = {_text(k): _number(v) for k, v in learned.items()}
 
     alive = {w["queue"] for w in workers}
-    down = [q for q in map(_text, known) if q not in alive]
+    down = [q for q in known if q not in alive]
     measured_rate = fleet_seconds_per_unit(workers)
     rate = measured_rate or learned.get("seconds_per_unit") or DEFAULT_SECONDS_PER_UNIT
     colds = [c for c in (_number(w.get(COLD_START_FIELD)) for w in workers) if c is not None]

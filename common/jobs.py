@@ -44,7 +44,7 @@ def requeue(store: TaskStore, registry: Registry, celery: Celery, record: dict, 
     moved = store.apply("requeue", record["task_id"], queue=record["queue"], to_queue=queue,
                         owner=record.get("owner", "anonymous"), instance=instance or record.get("worker"),
                         fields={"attempt_log": attempt_log, "started_at": None, "prompt_id": None, "worker": None,
-                                "gpu": None, "progress": None},
+                                "gpu": None, "progress": None, "waiting_reason": None},
                         event={"queue": queue, "from_queue": record["queue"], "reason": reason.get("code")})
     if not moved:
         log.info("task %s not moved: it is %s now", record["task_id"], moved.before)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from common import broker
+from common import broker, redis_conn
 from common.settings import Settings, get_settings
 
 RUN_WORKFLOW = "comfy.run_workflow"
@@ -23,7 +23,8 @@ WORKER_POOL = "workers.pool:CancellingThreadPool"
 
 def make_celery(settings: Settings | None = None, include: tuple[str, ...] = ()) -> Celery:
     settings = settings or get_settings()
-    app = Celery("comfy_service", broker=settings.redis_url)
+    broker_url, sentinel_options = redis_conn.celery_broker(settings)  # REDIS_URL in kombu's form
+    app = Celery("comfy_service", broker=broker_url)
     app.conf.update(
         # kombu's Redis transport, hardened so a Redis restart does not stop the worker.
         broker_transport=broker.transport_for(settings.redis_url),
@@ -31,7 +32,7 @@ def make_celery(settings: Settings | None = None, include: tuple[str, ...] = ())
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout, **sentinel_options},
         # A broker reconnect must not leave a late-ack job both running here and redelivered.
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,

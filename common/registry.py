@@ -2,8 +2,9 @@
 
 A worker writes its heartbeat (`keys.worker`, JSON, with a TTL), its last-seen time in
 `keys.WORKERS`, and its labels (host, GPU index, ComfyUI URL, GPU name) in `keys.KNOWN_WORKERS`,
-which outlives the heartbeat: a dead worker's alert still names its host, and a pin naming a
-GPU or host the fleet has never had is told apart from one that is down now. A worker whose
+which outlives the heartbeat: a dead worker's alert still names its host, a pin naming a GPU or
+host the fleet has never had is told apart from one that is down now, and the checkpoints of
+GPUs scaled away are remembered. A worker whose
 heartbeat expired is not alive, whatever it last said. Reading the fleet (dispatch,
 `GET /workers`) is one read of the live queues, then one pipeline for their heartbeats and
 backlogs: jobs waiting (in Celery or inside ComfyUI) and the total cost the task store keeps.
@@ -18,7 +19,7 @@ import redis
 from common import keys
 
 WORKERS = keys.WORKERS
-LABELS = ("host", "gpu_index", "comfyui_url")
+LABELS = ("host", "gpu_index", "comfyui_url", "checkpoints")
 
 
 def _text(value) -> str:
@@ -35,6 +36,7 @@ class Registry:
         beat = {**beat, "ts": now}
         labels = {k: beat.get(k) for k in LABELS}
         labels["gpu_name"] = (beat.get("gpu") or {}).get("name")
+        labels["last_seen"] = now
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(keys.worker(beat["queue"]), json.dumps(beat), px=int(self.ttl * 1000))
         pipe.zadd(WORKERS, {beat["queue"]: now})
@@ -46,8 +48,8 @@ class Registry:
         self.redis.delete(keys.worker(queue))
 
     def alive(self) -> list[dict]:
-        """Live workers' heartbeats, each with `waiting` (jobs not started) and `load`
-        (cost units waiting or running on it)."""
+        """Live workers' heartbeats, each with `waiting` (jobs not started), `jobs` (waiting or
+        running) and `load` (cost units waiting or running on it)."""
         names = [_text(q) for q in self.redis.zrangebyscore(WORKERS, time.time() - self.ttl, "+inf")]
         if not names:
             return []
@@ -56,15 +58,17 @@ class Registry:
             pipe.get(keys.worker(name))
             pipe.zcard(keys.waiting(name))
             pipe.zcard(keys.handed(name))
+            pipe.scard(keys.running(name))
             pipe.get(keys.load(name))
         replies = pipe.execute()
         workers = []
         for i, _ in enumerate(names):
-            beat, waiting, handed, load = replies[4 * i:4 * i + 4]
+            beat, waiting, handed, running, load = replies[5 * i:5 * i + 5]
             if beat is None:
                 continue
             record = json.loads(beat)
             record["waiting"] = int(waiting) + int(handed)
+            record["jobs"] = record["waiting"] + int(running)
             record["load"] = max(int(load or 0), 0) / 1000
             workers.append(record)
         return workers

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 from functools import cache
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -12,7 +13,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
     # Where jobs and their state live. `make run` starts a private Redis when this is unset.
+    # Or Sentinels that name the master: sentinel://[:password@]host:port,host:port/db
+    # (common/redis_conn.py; the password is the master's, the Sentinels' own is below).
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+    redis_sentinel_master: str = Field("mymaster", min_length=1, validation_alias="REDIS_SENTINEL_MASTER")
+    redis_sentinel_password: SecretStr = Field(SecretStr(""), validation_alias="REDIS_SENTINEL_PASSWORD",
+                                               description="Sentinels' requirepass; empty: none.")
 
     # The API.
     api_host: str = Field("127.0.0.1", validation_alias="API_HOST")
@@ -69,6 +75,15 @@ class Settings(BaseSettings):
     scale_cold_start: float = Field(120.0, ge=0, validation_alias="SCALE_COLD_START")
     scale_down_delay: float = Field(300.0, ge=0, validation_alias="SCALE_DOWN_DELAY",
                                     description="Seconds a GPU must be idle before it may be retired.")
+    # How the API picks a GPU (common/dispatch.py): expected_finish (the service's); round_robin and
+    # gpu_cpu_load exist as baselines for the benchmark.
+    dispatch_policy: Literal["expected_finish", "round_robin", "gpu_cpu_load"] = Field(
+        "expected_finish", validation_alias="DISPATCH_POLICY")
+    # How often a worker re-reads the checkpoints its ComfyUI has (GET /object_info), for its heartbeat.
+    checkpoints_refresh: float = Field(60.0, gt=0, validation_alias="CHECKPOINTS_REFRESH")
+    # A fleet whose GPUs come and go (an autoscaler, scale to zero): a job that no live GPU can take
+    # but one the fleet has had could waits for it (queued on that GPU) instead of a 503.
+    wait_for_gpus: bool = Field(False, validation_alias="WAIT_FOR_GPUS")
 
     # Jobs.
     job_timeout: float = Field(3600.0, gt=0, validation_alias="JOB_TIMEOUT", description="Longest run on ComfyUI.")
@@ -138,6 +153,13 @@ class Settings(BaseSettings):
         if self.scale_min_gpus > self.scale_max_gpus:
             raise ValueError("SCALE_MIN_GPUS must not exceed SCALE_MAX_GPUS")
         return self
+    @field_validator("redis_url")
+    @classmethod
+    def _readable_redis_url(cls, value: str) -> str:
+        from common.redis_conn import parse_sentinel_url  # raises on a malformed sentinel:// URL
+
+        parse_sentinel_url(value)
+        return value
 
     @property
     def queue_name(self) -> str:

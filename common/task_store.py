@@ -7,8 +7,9 @@ queue the caller expects, and for owned transitions the worker instance, then in
   keeps the queue's total cost (`keys.load`) as a running total;
 - appends the transition's event to the job's event log (`keys.events`), so the event stream
   and webhooks see exactly the transitions the record went through;
-- on a final state: leaves the active sets (job caps), expires the event log and payload after
-  EVENTS_TTL, owes a final webhook (`keys.WEBHOOKS_PENDING`) and counts the job's metrics.
+- on a final state: leaves the active sets (job caps), deletes the graphs (`keys.payload`),
+  expires the event log after EVENTS_TTL, owes a final webhook (`keys.WEBHOOKS_PENDING`) and
+  counts the job's metrics.
 A finished record never changes again; a cancel and a worker's hand-over cannot both win.
 
 Every key a script touches comes in KEYS, built by common/keys.py.
@@ -19,6 +20,7 @@ import functools
 import json
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable
@@ -113,8 +115,8 @@ if final then
   -- tells a client that saw it (Last-Event-ID) from one that did not.
   if event ~= '' then redis.call('HSET', KEYS[1], 'final_event', cjson.encode(event)) end
   redis.call('EXPIRE', KEYS[2], ttl)
-  -- Nothing runs the graphs again: keep them as briefly as the events.
-  if redis.call('TTL', KEYS[3]) > ttl then redis.call('EXPIRE', KEYS[3], ttl) end
+  -- Nothing runs the graphs again (a requeue never starts from a final state).
+  redis.call('DEL', KEYS[3])
   -- A final webhook is owed from now until the webhook worker settles it (the monitor re-sends).
   local callback = redis.call('HGET', KEYS[1], 'callback')
   if callback and callback ~= 'null' then redis.call('ZADD', KEYS[4], now, id) end
@@ -212,6 +214,20 @@ def decode_record(raw) -> dict:
     return {_text(k): json.loads(v) for k, v in raw.items()}
 
 
+def pack_payload(payload: dict) -> bytes:
+    """The graphs a job runs, as stored: zlib-compressed JSON (a quarter of the bytes; the editor
+    graph embedded in the PNGs is most of it)."""
+    return zlib.compress(json.dumps(payload, separators=(",", ":")).encode(), 6)
+
+
+def unpack_payload(raw: bytes | str | None) -> dict | None:
+    if not raw:
+        return None
+    if isinstance(raw, str):
+        raw = raw.encode()
+    return json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))  # plain JSON: stored before compression
+
+
 def cost_units(cost) -> int:
     """A job's cost as the integer the queue totals keep (thousandths of a unit)."""
     return int(round(float(cost if cost is not None else 1.0) * 1000))
@@ -290,8 +306,7 @@ class TaskStore:
         return [decode_record(raw) if raw else None for raw in pipe.execute()]
 
     def payload(self, task_id: str) -> dict | None:
-        raw = self.redis.get(keys.payload(task_id))
-        return json.loads(raw) if raw else None
+        return unpack_payload(self.redis.get(keys.payload(task_id)))
 
     def queue_position(self, queue: str, task_id: str) -> int | None:
         """How many jobs are ahead of this one on its GPU, the running one included (0: it is
@@ -343,7 +358,7 @@ class TaskStore:
         if idempotency is not None:
             idem_key, idem_value, idem_ttl = idempotency
             call_keys.append(idem_key)
-        args = [self.ttl, _json(payload), int(time.time() * 1000), cost_units(record.get("cost")), task_id,
+        args = [self.ttl, pack_payload(payload), int(time.time() * 1000), cost_units(record.get("cost")), task_id,
                 int(max_active), int(max_active_per_owner), idem_value, int(idem_ttl), _json({"queue": queue}),
                 MAX_EVENTS, metrics.submitted_field(record["workflow"]), *_encode(record)]
         for attempt in range(2):
@@ -444,7 +459,7 @@ class TaskStore:
             applied=bool(applied), before=State(before) if before else None,
             callback=json.loads(callback) if callback else None, event_id=_text(event_id) or None,
             cancel_requested=_text(cancel) == "1",
-            record=decode_record(record) if record else None, payload=json.loads(payload) if payload else None)
+            record=decode_record(record) if record else None, payload=unpack_payload(payload))
         if outcome.applied and target is not None and outcome.callback and self.notify is not None:
             status = str(lifecycle.status_of(target))
             if status != str(lifecycle.status_of(outcome.before)) or spec.event == "started":

@@ -37,6 +37,7 @@ def task_document(record: dict, queue_position: int | None, public_url: str = ""
         "gpu": record.get("gpu"),
         "queue_position": queue_position if status == QUEUED else None,
         "progress": progress,
+        "waiting_reason": record.get("waiting_reason") if status == QUEUED else None,
         "params": record["params"],
         "created_at": record["created_at"],
         "started_at": record.get("started_at"),

@@ -86,11 +86,11 @@ class Stack:
 def _say_access(api_host: str, redis_url: str) -> None:
     """Who can call the API: keys (API_KEYS or `python -m app.keys`), else loopback only."""
     try:
-        import redis
+        from common import keys, redis_conn
+        from common.settings import get_settings
 
-        from common import keys
-
-        stored = redis.Redis.from_url(redis_url, socket_connect_timeout=2).exists(keys.API_KEYS)
+        settings = get_settings().model_copy(update={"redis_url": redis_url})
+        stored = redis_conn.connect(settings, socket_connect_timeout=2).exists(keys.API_KEYS)
     except Exception:  # noqa: BLE001 - only a hint
         stored = False
     if os.environ.get("API_KEYS") or stored:

@@ -479,7 +479,39 @@ def test_redis_has_a_password_persistence_and_an_authenticated_healthcheck():
     for name, svc in services().items():
         url = environment(svc).get("REDIS_URL")
         if url:
-            assert url.startswith("redis://:${REDIS_PASSWORD"), f"{name} authenticates to Redis"
+            assert url.startswith("${REDIS_SCHEME:-redis}://:${REDIS_PASSWORD"), f"{name} authenticates to Redis"
+
+
+def test_sentinel_profile_runs_a_replica_and_three_sentinels_that_the_processes_can_follow():
+    """--profile sentinel: official images, a replica of `redis`, three Sentinels monitoring it
+    with a quorum of 2 under the service's default master name; with the two .env lines
+    docs/deploy.md gives, every process's REDIS_URL names those three Sentinels."""
+    from common import redis_conn
+    from common.settings import Settings
+
+    only = {n: s for n, s in services("sentinel").items() if "sentinel" in (s.get("profiles") or [])}
+    sentinels = sorted(n for n in only if n.startswith("redis-sentinel-"))
+    assert sorted(only) == ["redis-replica", *sentinels] and len(sentinels) == 3
+    assert all(svc["image"] == services()["redis"]["image"] for svc in only.values())
+    replica = " ".join(only["redis-replica"]["command"])
+    assert "replicaof redis 6379" in replica and "masterauth" in replica and "--appendonly yes" in replica
+    assert "masterauth" in " ".join(services()["redis"]["command"]), "the old master rejoins as a replica"
+    master = Settings.model_fields["redis_sentinel_master"].default
+    assert readme_settings()["REDIS_SENTINEL_MASTER"] == master
+    for name in sentinels:
+        command = " ".join(only[name]["command"])
+        assert f"sentinel monitor {master} redis 6379 2" in command and "--sentinel" in command
+        assert environment(only[name])["SENTINEL_NAME"] == name and only[name]["volumes"] == [f"{name}:/data"]
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    hosts = ",".join(f"{name}:26379" for name in sentinels)
+    assert "REDIS_SCHEME=sentinel" in doc and f"REDIS_HOSTS={hosts}" in doc
+    values = {**env_example(), "REDIS_PASSWORD": "0123abcd", "FLOWER_BASIC_AUTH": "ops:pw", "LOGDY_PASS": "pw",
+              "REDIS_SCHEME": "sentinel", "REDIS_HOSTS": hosts}
+    for name in ("api", "flower", "webhooks", "worker-0"):
+        env = resolved_env(services()[name], values)
+        target = redis_conn.parse_sentinel_url(env["REDIS_URL"])
+        assert target == redis_conn.SentinelURL(tuple((n, 26379) for n in sentinels), 0, None, "0123abcd"), name
+        assert Settings(**env).redis_sentinel_password.get_secret_value() == "0123abcd", name
 
 
 def test_ports_match_the_readme():
@@ -582,7 +614,7 @@ def compose_cli() -> list[str] | None:
 
 @pytest.mark.skipif(compose_cli() is None, reason="no `docker compose` CLI plugin (nor a v2 docker-compose) here: "
                     "the compose file is checked by the parsing tests above only")
-@pytest.mark.parametrize("profile", ["sim", "gpu"])
+@pytest.mark.parametrize("profile", ["sim", "gpu", "sentinel"])
 def test_docker_compose_config_accepts_the_file(profile, tmp_path):
     env = tmp_path / ".env"
     values = {**env_example(), "REDIS_PASSWORD": "0123abcd", "FLOWER_BASIC_AUTH": "ops:pw", "LOGDY_PASS": "pw"}

@@ -56,3 +56,43 @@ def test_expected_finish_is_backlog_plus_job_times_rate():
 
 def test_waiting_jobs_leave_dead_or_draining_queues():
     assert needs_moving(None) and needs_moving({"draining": True}) and not needs_moving({"draining": False})
+
+
+# ---- A GPU's fixed time per prompt, and the baseline policies --------------------------------------
+
+def test_a_gpu_with_a_long_fixed_time_per_prompt_looks_slower_for_short_jobs():
+    # Same per-unit speed; g.b spends 2 s per prompt on top (decode, saving): for a queue of small
+    # jobs that dominates, and the rate alone could not see it.
+    a = {**gpu("g.a", load=2.0), "jobs": 4, "rates": {"w": {"seconds_per_unit": 1.0, "seconds_per_prompt": 0.1}}}
+    b = {**gpu("g.b", load=1.0), "jobs": 2, "rates": {"w": {"seconds_per_unit": 1.0, "seconds_per_prompt": 2.0}}}
+    small = JobSpec(workflow="w", cost=0.5)
+    assert expected_finish(a, small, 1.0) == pytest.approx(2.5 + 5 * 0.1)
+    assert expected_finish(b, small, 1.0) == pytest.approx(1.5 + 3 * 2.0)
+    assert choose([a, b], small) == "g.a"
+
+
+def test_the_speed_model_learns_the_fixed_part_and_the_rate():
+    from workers.runtime import SpeedModel
+
+    model = SpeedModel()
+    model.add(2.0, 0.5 + 2.0 * 0.25)
+    assert model.estimate() == {"seconds_per_unit": pytest.approx(0.5), "seconds_per_prompt": 0.0}  # one cost seen
+    for cost in (1.0, 4.0, 8.0, 2.0, 6.0):
+        model.add(cost, 0.5 + cost * 0.25)
+    assert model.estimate() == {"seconds_per_unit": pytest.approx(0.25), "seconds_per_prompt": pytest.approx(0.5)}
+    for cost in (1.0, 4.0, 8.0, 2.0, 6.0, 3.0, 7.0, 1.0, 5.0, 2.0, 8.0, 4.0):  # the GPU got twice as slow
+        model.add(cost, 2 * (0.5 + cost * 0.25))
+    estimate = model.estimate()
+    assert estimate["seconds_per_unit"] == pytest.approx(0.5, rel=0.05)
+    assert estimate["seconds_per_prompt"] == pytest.approx(1.0, rel=0.1)
+
+
+def test_round_robin_and_load_baselines():
+    import random
+
+    fleet = [gpu("g.b", util=90), gpu("g.a", util=10), gpu("g.c", comfyui_ok=False)]
+    assert [choose(fleet, JOB, policy="round_robin", turn=t) for t in range(4)] == ["g.a", "g.b", "g.a", "g.b"]
+    assert choose(fleet, JOB, policy="gpu_cpu_load", rng=random.Random(1)) == "g.a"
+    tied = [gpu("g.x"), gpu("g.y")]
+    picks = {choose(tied, JOB, policy="gpu_cpu_load", rng=random.Random(seed)) for seed in range(20)}
+    assert picks == {"g.x", "g.y"}  # ties at random: such a policy has no other order

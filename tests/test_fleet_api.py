@@ -79,7 +79,11 @@ def test_a_measured_cold_start_is_used_and_outlives_the_fleet_and_stranded_work_
     for queue in ("gpu.h.0", "gpu.h.1"):  # the fleet scales to zero: no heartbeat left
         registry.withdraw(queue)
     client.zadd(keys.WORKERS, {"gpu.h.0": 0, "gpu.h.1": 0})
-    client.set(keys.load("gpu.h.0"), 400_000)  # 400 units wait on a GPU that is gone
+    client.set(keys.load("gpu.h.0"), 300_000)  # 400 units wait on GPUs that are gone
+    # WAIT_FOR_GPUS queues a job on a GPU the fleet had, even one that left cleanly (forgotten in
+    # the registry's sorted set, still in its labels).
+    client.hset(keys.KNOWN_WORKERS, "gpu.h.7", "{}")
+    client.set(keys.load("gpu.h.7"), 100_000)
     empty = assess(client, registry, Settings(REDIS_URL=redis_server.url, LOG_DIR="", SCALE_TARGET_WAIT="60"),
                    workers=[], now=20.0)
     assert empty.state.cold_start == 50.0 and empty.seconds_per_unit == 0.5  # remembered

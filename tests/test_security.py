@@ -23,7 +23,7 @@ import requests
 
 from common.registry import Registry
 from common import lifecycle
-from common.task_store import TaskStore
+from common.task_store import TaskStore, unpack_payload
 from tests.support.api import story
 from tests.support.procs import REPO, RedisServer, free_port, wait_until
 
@@ -377,7 +377,7 @@ def test_raw_workflow_allowed_runs_as_sent_with_service_file_names(make_app):
     assert accepted.status_code == 202, accepted.json
     task = accepted.json
     assert task["workflow"] == "raw" and task["params"]["steps"] == 25 and task["params"]["nodes"] == 7
-    payload = json.loads(app.redis.get(f"cs:payload:{task['task_id']}"))
+    payload = unpack_payload(app.redis.get(f"cs:payload:{task['task_id']}"))
     assert "ui" not in payload
     sent = payload["graph"]
     assert sent["9"]["inputs"]["filename_prefix"] == f"cs_{task['task_id']}"
@@ -709,7 +709,7 @@ def test_hostile_bodies(api_fleet, case, request_kwargs, status, code, field):
         assert {k: task["params"][k] for k in expected} == expected  # verbatim, nothing escaped or stripped
         again = requests.get(f"{fleet.url}/api/v1/tasks/{task['task_id']}", headers=ALICE, timeout=10).json()
         assert again["params"] == task["params"]
-        graph = json.loads(client.get(f"cs:payload:{task['task_id']}"))["graph"]
+        graph = unpack_payload(client.get(f"cs:payload:{task['task_id']}"))["graph"]
         inputs = [v for node in graph.values() for v in node["inputs"].values() if isinstance(v, str)]
         for value in (sent.get("prompt"), *(sent.get("scenes") or [])):
             if value:  # reaches ComfyUI as plain text: the input itself, or one line of the plugin's text

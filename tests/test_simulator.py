@@ -462,6 +462,21 @@ def test_record_lists_deleted_prompts_and_interrupts(sim):
     assert [b["outcome"] for b in record["busy"]] == ["interrupted"]
 
 
+def test_record_file_survives_a_sigkill_and_a_restart(sim_factory, tmp_path):
+    journal = tmp_path / "record.jsonl"
+    sim = sim_factory("--step-seconds", "0.02", "--record-file", str(journal))
+    done = submit(sim, slow(steps=2, sps=0.01, prefix="cs_job-a"))
+    finished(sim, done)
+    submit(sim, slow(steps=500, sps=0.01, prefix="cs_job-b"))   # still running at the kill
+    wait_until(lambda: sim.record()["running"], 5, what="the long prompt running")
+    sim.restart()                                               # SIGKILL, same port, same file
+    entries = [json.loads(line) for line in journal.read_text().splitlines()]
+    kinds = [(e["e"], e.get("prefixes") or e.get("outcome")) for e in entries]
+    assert kinds == [("boot", None), ("queued", ["cs_job-a"]), ("started", None), ("ended", "success"),
+                     ("queued", ["cs_job-b"]), ("started", None), ("boot", None)]
+    assert sim.record()["busy"] == []                           # the memory record did not survive
+
+
 def test_every_route_answers_under_api_too(sim):
     pid = submit(sim, slow(steps=1, prefix="api"))
     entry = finished(sim, pid)

@@ -53,6 +53,7 @@ from typing import Callable, Optional
 import redis
 from loguru import logger
 
+from common import redis_conn
 from common.logs import JOB_LOG_MAX_LINES, format_exception, iso_utc, job_log_key
 from workers.comfy_client import ComfyError, LogEntry
 
@@ -339,6 +340,6 @@ def get_job_logs() -> JobLogs:
     from workers.runtime import get_runtime
 
     settings = get_runtime().settings
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=3, socket_connect_timeout=2,
-                                  health_check_interval=30, client_name="comfy-worker-logs")
+    client = redis_conn.connect(settings, socket_timeout=3, socket_connect_timeout=2, health_check_interval=30,
+                                client_name="comfy-worker-logs")
     return JobLogs(client, settings.result_ttl, level=(settings.log_level or "INFO").upper())

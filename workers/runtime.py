@@ -13,6 +13,7 @@ from functools import cache
 import redis
 from celery.worker import state as celery_state
 
+from common import redis_conn
 from common.registry import Registry
 from common.settings import Settings, get_settings
 from common.storage import make_storage
@@ -24,14 +25,41 @@ from workers.gpu_probe import GpuProbe, host_stats
 from workers.monitor import Monitor
 
 log = logging.getLogger("comfy.worker")
-RATE_SMOOTHING = 0.3  # weight of the newest job in a GPU's seconds-per-unit estimate
+RATE_SMOOTHING = 0.3  # weight of the newest job in a GPU's speed estimate
+
+
+class SpeedModel:
+    """seconds = fixed + cost × per_unit, by least squares over exponentially weighted samples
+    (the newest weighs RATE_SMOOTHING), so a GPU's speed follows it as it changes. Until its
+    jobs differ in cost, nothing tells the fixed part from the rest: all of it is per unit."""
+
+    def __init__(self):
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+        self.jobs = 0
+
+    def add(self, cost: float, seconds: float) -> None:
+        keep = 1.0 - RATE_SMOOTHING if self.jobs else 0.0
+        weight = RATE_SMOOTHING if self.jobs else 1.0
+        self.w, self.x, self.y = keep * self.w + weight, keep * self.x + weight * cost, keep * self.y + weight * seconds
+        self.xx, self.xy = keep * self.xx + weight * cost * cost, keep * self.xy + weight * cost * seconds
+        self.jobs += 1
+
+    def estimate(self) -> dict:
+        mean_x, mean_y = self.x / self.w, self.y / self.w
+        spread = self.xx / self.w - mean_x * mean_x
+        if spread > 1e-9 * max(mean_x * mean_x, 1e-12):
+            per_unit = (self.xy / self.w - mean_x * mean_y) / spread
+            fixed = mean_y - per_unit * mean_x
+            if per_unit > 0 and fixed >= 0:
+                return {"seconds_per_unit": per_unit, "seconds_per_prompt": fixed}
+        return {"seconds_per_unit": mean_y / mean_x, "seconds_per_prompt": 0.0}
 
 
 class WorkerRuntime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.instance = uuid.uuid4().hex  # this process; a restarted worker is another instance
-        self.redis = redis.Redis.from_url(settings.redis_url, health_check_interval=30, client_name="comfy-worker")
+        self.redis = redis_conn.connect(settings, health_check_interval=30, client_name="comfy-worker")
         # Webhooks are queued for the webhook worker (common/webhooks.py), never sent from here.
         self.notifier = Notifier(celery_app, settings.webhook_queue)
         self.store = TaskStore(self.redis, settings.result_ttl, settings.events_ttl, notify=self.notifier.on_status,
@@ -46,8 +74,11 @@ class WorkerRuntime:
         self.started_at = now_iso()
         self.draining = False
         self.checkpoint: str | None = None  # the model the GPU holds after our last job
-        self.rates: dict[str, dict] = {}  # workflow → measured seconds per cost unit
+        self.rates: dict[str, dict] = {}  # workflow → measured seconds per cost unit and per prompt
+        self._speed: dict[str, SpeedModel] = {}
         self.comfy_queue: int | None = None
+        self.checkpoints: list[str] | None = None  # what its ComfyUI offers (None: not read yet)
+        self._checkpoints_read = float("-inf")
         self._active: dict[str, str | None] = {}  # task id → ComfyUI prompt id (None until submitted)
         self._cancelled: set[str] = set()  # cancels sent to ComfyUI for jobs still active here
         self._cancel_pending: set[str] = set()  # cancels asked before the prompt reached ComfyUI
@@ -84,7 +115,8 @@ class WorkerRuntime:
             return dict(self._active)
 
     def job_measured(self, workflow: str, seconds: float, cost: float, checkpoint: str | None) -> None:
-        """Learn this GPU's speed from a finished job (GPU time only: start to success in ComfyUI).
+        """Learn this GPU's speed from a finished job (GPU time only: start to success in ComfyUI):
+        seconds ≈ fixed per prompt + cost × seconds per unit, fitted over recent jobs.
 
         A job that had to load its checkpoint first is not a sample of the GPU's speed.
         """
@@ -94,14 +126,9 @@ class WorkerRuntime:
                 self.checkpoint = checkpoint
             if cold or cost <= 0 or seconds <= 0:
                 return
-            sample = seconds / cost
-            rate = self.rates.get(workflow)
-            if rate is None:
-                self.rates[workflow] = {"seconds_per_unit": sample, "jobs": 1, "last_seconds": round(seconds, 3)}
-            else:
-                rate["seconds_per_unit"] = (1 - RATE_SMOOTHING) * rate["seconds_per_unit"] + RATE_SMOOTHING * sample
-                rate["jobs"] += 1
-                rate["last_seconds"] = round(seconds, 3)
+            model = self._speed.setdefault(workflow, SpeedModel())
+            model.add(cost, seconds)
+            self.rates[workflow] = {**model.estimate(), "jobs": model.jobs, "last_seconds": round(seconds, 3)}
 
     def cancel_local(self, task_id: str) -> bool:
         """Tell ComfyUI to drop this job's prompt, if this process runs it and has submitted it."""
@@ -129,10 +156,24 @@ class WorkerRuntime:
     def _comfy_system_stats(self) -> dict:
         return self.client.system_stats().raw
 
+    def _read_checkpoints(self) -> None:
+        """The checkpoint files its ComfyUI can load, every CHECKPOINTS_REFRESH seconds: dispatch
+        sends a job only to GPUs that have its model, and the fleet remembers them (registry)."""
+        if time.monotonic() - self._checkpoints_read < self.settings.checkpoints_refresh:
+            return
+        try:
+            nodes = self.client.object_info("CheckpointLoaderSimple")
+        except ComfyError as exc:
+            log.warning("could not read ComfyUI's checkpoints: %s", exc)
+            return
+        self._checkpoints_read = time.monotonic()
+        self.checkpoints = checkpoint_names(nodes)
+
     def heartbeat(self) -> dict:
         try:
             self.comfy_queue = self.client.prompt_queue_remaining()
             comfy_ok = True
+            self._read_checkpoints()
         except ComfyError:
             comfy_ok = False
         gpu = self.probe.read()
@@ -146,6 +187,7 @@ class WorkerRuntime:
             "comfyui_ok": comfy_ok, "comfyui_queue": self.comfy_queue if comfy_ok else None,
             "running": running, "concurrency": self.settings.worker_concurrency, "draining": self.draining,
             "gpu": gpu.as_dict(), "host_stats": host_stats().as_dict(), "checkpoint": checkpoint,
+            "checkpoints": self.checkpoints,
             "rates": rates, "started_at": self.started_at,
         }
 
@@ -236,6 +278,19 @@ class WorkerRuntime:
                 time.sleep(1.0)
             finally:
                 pubsub.close()
+
+
+def checkpoint_names(nodes: dict) -> list[str] | None:
+    """The choices of CheckpointLoaderSimple's `ckpt_name` in /object_info (both the list form
+    `[[names], {...}]` and the newer `["COMBO", {"options": [names]}]`); None if absent."""
+    node = nodes.get("CheckpointLoaderSimple")
+    spec = ((node.input if node else {}).get("required") or {}).get("ckpt_name") if node else None
+    if not spec:
+        return None
+    if isinstance(spec[0], list):
+        return sorted(str(n) for n in spec[0])
+    options = spec[1].get("options") if len(spec) > 1 and isinstance(spec[1], dict) else None
+    return sorted(str(n) for n in options) if isinstance(options, list) else None
 
 
 def _cancel_elsewhere(comfyui_url: str, prompt_id: str) -> None:

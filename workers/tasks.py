@@ -177,7 +177,7 @@ def _run_workflow(self, task_id: str) -> dict:
         taken = runtime.store.apply(
             "hand", task_id, queue=source, to_queue=runtime.queue, instance=runtime.instance, fields={
                 "gpu": runtime.queue, "comfyui": runtime.settings.comfyui_url, "worker": runtime.instance,
-                "prompt_id": prompt_id, "handed_at": now_iso(), "progress": None},
+                "prompt_id": prompt_id, "handed_at": now_iso(), "progress": None, "waiting_reason": None},
             event={"queue": runtime.queue, "gpu": runtime.queue},
             metric_ops=[("hincrby", keys.task(task_id), "attempts", 1)], want_record=True)
         if not taken:

@@ -14,11 +14,10 @@ import threading
 import time
 from functools import cache
 
-import redis
 import requests
 from celery import signals
 
-from common import metrics, webhooks
+from common import metrics, redis_conn, webhooks
 from common.logs import setup_logging
 from common.settings import get_settings
 from common.task_store import TaskStore, now_iso
@@ -41,8 +40,8 @@ def _setup_logging(**_):
 @cache
 def _store() -> TaskStore:
     settings = get_settings()
-    return TaskStore(redis.Redis.from_url(settings.redis_url, health_check_interval=30), settings.result_ttl,
-                     settings.events_ttl)
+    return TaskStore(redis_conn.connect(settings, health_check_interval=30, client_name="comfy-webhooks"),
+                     settings.result_ttl, settings.events_ttl, outage_tolerance=settings.redis_outage_tolerance)
 
 
 def _session() -> requests.Session:

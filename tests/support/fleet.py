@@ -11,7 +11,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis
 import requests
 
 from tests.support.procs import REPO, RedisServer, SimProcess, free_port, wait_until
@@ -102,7 +101,7 @@ class Fleet:
 
     def wait_workers(self, count: int | None = None, timeout: float = 30.0) -> None:
         count = len(self.workers) if count is None else count
-        client = redis.Redis.from_url(self.redis.url)
+        client = self.redis.client()
 
         def ready():
             for w in self.workers:

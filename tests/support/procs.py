@@ -108,11 +108,17 @@ class SimProcess:
 
 @dataclass
 class RedisServer:
-    """A private redis-server on a free port, with nothing persisted to disk."""
+    """A private redis-server on a free port, with nothing persisted to disk.
+
+    `durable=True`: an append-only file fsynced on every write (`appendonly yes`,
+    `appendfsync always`) in `workdir`, so `kill()` (SIGKILL) then `start()` brings the same data
+    back on the same port, as an operator's restart would (the chaos run does this)."""
 
     port: int
     workdir: Path
     password: str | None = None
+    durable: bool = False
+    args: list[str] = field(default_factory=list)  # more redis-server options (--replicaof ...)
     proc: subprocess.Popen | None = None
 
     @property
@@ -120,21 +126,39 @@ class RedisServer:
         auth = f":{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> "RedisServer":
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server is not on PATH (install Debian's redis-server)")
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", str(self.workdir)]
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.workdir)]
+        if self.durable:
+            # One AOF directory per port, so two durable servers may share a workdir.
+            args += ["--appendonly", "yes", "--appendfsync", "always", "--appenddirname", f"aof-{self.port}"]
+        else:
+            args += ["--appendonly", "no"]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
         client = redis.Redis.from_url(self.url)
-        wait_until(lambda: client.ping(), 10, what=f"redis on port {self.port}")
+        # A durable server answers LOADING while it replays its AOF: wait until it is done.
+        wait_until(lambda: client.ping() and client.info("persistence").get("loading") == 0, timeout,
+                   what=f"redis on port {self.port}")
         client.close()
         return self
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, no goodbye to clients (a crash or an OOM kill)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
