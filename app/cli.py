@@ -6,6 +6,7 @@
     python -m app.cli status TASK_ID [--json]
     python -m app.cli cancel TASK_ID
     python -m app.cli workers
+    python -m app.cli fleet
     python -m app.cli workflows
 
 `--url` (env COMFY_SERVICE_URL, default http://127.0.0.1:8080) and `--api-key` (env
@@ -304,6 +305,22 @@ def cmd_workers(client: ComfyServiceClient, args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_fleet(client: ComfyServiceClient, args: argparse.Namespace) -> int:
+    fleet = client.fleet()
+    if args.json:
+        print_json(fleet.model_dump(mode="json"))
+        return OK
+    print(f"GPUs: {fleet.current} now, {fleet.desired} desired ({fleet.action}): {fleet.reason}")
+    if fleet.retire_first:
+        print(f"retire first: {fleet.retire_first}")
+    if fleet.gpus:
+        print(table(["QUEUE", "STATE", "WORK S", "IDLE S", "S/UNIT", "CHECKPOINT"],
+                    [[g.queue, g.state, f"{g.work_seconds:.0f}", f"{g.idle_seconds:.0f}",
+                      "-" if g.seconds_per_unit is None else f"{g.seconds_per_unit:.3f}", g.checkpoint or "-"]
+                     for g in fleet.gpus]))
+    return OK
+
+
 def param_summary(name: str, schema: dict, required: bool) -> str:
     """One line per parameter: type, bounds, default (the full JSON Schema is in --json)."""
     options = [s for s in schema.get("anyOf", [schema]) if s.get("type") != "null"]
@@ -386,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help in (("status", cmd_status, "show a task"), ("cancel", cmd_cancel, "cancel a task")):
         command(name, func, help).add_argument("task_id", metavar="TASK_ID")
     command("workers", cmd_workers, "the live GPU workers")
+    command("fleet", cmd_fleet, "the fleet's size, the size it should have, and why")
     command("workflows", cmd_workflows, "the workflows and their parameters")
     return parser
 

@@ -32,14 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 # The task's documents are the service's own definitions (they need only pydantic).
 from common.documents import (
-    FINAL_STATUSES, SSE_EVENTS, Callback, Document, Image, OutputEvent, Progress, ProgressEvent, QueuedEvent,
-    StartedEvent, Task, TaskError, TaskResult,
+    FINAL_STATUSES, SSE_EVENTS, Callback, Document, Fleet, FleetGpu, Image, OutputEvent, Progress, ProgressEvent,
+    QueuedEvent, StartedEvent, Task, TaskError, TaskResult,
 )
 
 __all__ = [
-    "ApiError", "Callback", "ComfyServiceClient", "ComfyServiceError", "Event", "GpuInfo", "HostInfo", "Image",
-    "LogLine", "OutputEvent", "Progress", "ProgressEvent", "QueuedEvent", "ServiceUnreachable", "StartedEvent", "Task",
-    "TaskError", "TaskResult", "WaitTimeout", "Worker", "WorkflowInfo",
+    "ApiError", "Callback", "ComfyServiceClient", "ComfyServiceError", "Event", "Fleet", "FleetGpu", "GpuInfo",
+    "HostInfo", "Image", "LogLine", "OutputEvent", "Progress", "ProgressEvent", "QueuedEvent", "ServiceUnreachable",
+    "StartedEvent", "Task", "TaskError", "TaskResult", "WaitTimeout", "Worker", "WorkflowInfo",
 ]
 
 API = "/api/v1"
@@ -350,6 +350,10 @@ class ComfyServiceClient:
     # Fleet and catalogue
     def workers(self) -> list[Worker]:
         return [Worker.model_validate(w) for w in self._json("GET", "/workers")["workers"]]
+
+    def fleet(self) -> Fleet:
+        """The fleet's size, the size it should have, and why (GET /api/v1/fleet)."""
+        return Fleet.model_validate(self._json("GET", "/fleet"))
 
     def workflows(self) -> list[WorkflowInfo]:
         return [WorkflowInfo.model_validate(w) for w in self._json("GET", "/workflows")["workflows"]]

@@ -9,6 +9,7 @@ from kombu.exceptions import OperationalError
 
 from app import errors, security
 from app.errors import error_response
+from app.fleet import blueprint as fleet_blueprint
 from app.metrics import blueprint as metrics_blueprint
 from app.openapi import openapi_document
 from app.proxies import ProxyMiddleware, TrustedProxies
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.register_blueprint(api, url_prefix="/api/v1")
     app.register_blueprint(task_logs_blueprint, url_prefix="/api/v1")
     app.register_blueprint(events_blueprint, url_prefix="/api/v1")
+    app.register_blueprint(fleet_blueprint, url_prefix="/api/v1")
     app.register_blueprint(probes)
     app.register_blueprint(metrics_blueprint)
     proxies = TrustedProxies(settings.trusted_proxies)

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from common import keys, metrics, webhooks
+from common.fleet import Assessment, assess
 from common.registry import WORKERS
 
 blueprint = Blueprint("metrics", __name__)
@@ -51,8 +52,9 @@ class RedisCollector:
         yield from self._counters(counters, self._workflows())
         yield from self._histograms(histograms)
         yield from self._queues(known, per_queue)
-        yield from self._fleet(svc.registry.alive(), {_text(q): s for q, s in seen},
-                               {_text(q): _text(v) for q, v in labels.items()})
+        alive = svc.registry.alive()
+        yield from self._fleet(alive, {_text(q): s for q, s in seen}, {_text(q): _text(v) for q, v in labels.items()})
+        yield from self._scaling(assess(client, svc.registry, svc.settings, workers=alive))
         if last_success is not None:
             yield GaugeMetricFamily("comfy_last_success_timestamp_seconds",
                                     "Unix time of the last job that succeeded.", value=float(last_success))
@@ -170,6 +172,19 @@ class RedisCollector:
                 up.add_metric([queue, host], 0.0)
         workers = GaugeMetricFamily("comfy_workers_alive", "GPU workers with a live heartbeat.", value=len(alive))
         yield from (up, comfy, age, util, used, total, temp, workers)
+
+    @staticmethod
+    def _scaling(assessment: Assessment):
+        decision = assessment.decision
+        yield GaugeMetricFamily("comfy_fleet_desired_gpus", "GPUs the fleet should have now (common/scaling.py; "
+                                "GET /api/v1/fleet says why): what KEDA scales the GPU StatefulSet to.",
+                                value=float(decision.desired))
+        yield GaugeMetricFamily("comfy_fleet_current_gpus", "Live GPUs that are not draining (ready or starting).",
+                                value=float(decision.current))
+        yield GaugeMetricFamily("comfy_fleet_work_seconds", "Predicted GPU seconds of every job waiting or running, "
+                                "stranded ones included.", value=assessment.state.work_seconds)
+        yield GaugeMetricFamily("comfy_fleet_cold_start_seconds", "Seconds a GPU takes from start to its first job "
+                                "(measured, else SCALE_COLD_START).", value=assessment.state.cold_start)
 
 
 @blueprint.get("/metrics")

@@ -243,6 +243,16 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                     "type": "object", "required": ["workers"], "properties": {"workers": {
                         "type": "array", "items": {"$ref": "#/components/schemas/Worker"}}}}}}},
                               "503": _error_response("Redis is down.")}}},
+            "/api/v1/fleet": {"get": {
+                "summary": "The fleet's size, the size it should have, and why (autoscaling)", "operationId": "getFleet",
+                "description": ("The same decision as the comfy_fleet_desired_gpus gauge on /metrics, which KEDA scales "
+                                "the GPU StatefulSet on: the waiting and running work in predicted GPU seconds against "
+                                "SCALE_TARGET_WAIT plus a GPU's cold start, GPUs idle for SCALE_DOWN_DELAY, within "
+                                "SCALE_MIN_GPUS … SCALE_MAX_GPUS."),
+                "responses": {"200": {"description": "The fleet and its scaling decision.",
+                                      "content": {"application/json": {"schema": {
+                                          "$ref": "#/components/schemas/Fleet"}}}},
+                              "503": _error_response("Redis is down.")}}},
             "/healthz": {"get": {"summary": "The process answers", "operationId": "healthz",
                                  "responses": {"200": {"description": "Alive."}}}},
             "/readyz": {"get": {"summary": "Redis answers and a healthy worker is alive", "operationId": "readyz",

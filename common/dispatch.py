@@ -82,6 +82,23 @@ def fleet_rate(workers: list[dict], workflow: str) -> float:
     return statistics.median(known) if known else DEFAULT_SECONDS_PER_UNIT
 
 
+def gpu_seconds_per_unit(worker: dict) -> float | None:
+    """The GPU's measured seconds per cost unit over every workflow it ran, weighted by its jobs
+    (a queue's backlog is one total in cost units, not split by workflow); None without history."""
+    samples = [(float(r["seconds_per_unit"]), max(int(r.get("jobs") or 1), 1))
+               for r in (worker.get("rates") or {}).values() if isinstance(r, dict) and r.get("seconds_per_unit")]
+    if not samples:
+        return None
+    return sum(rate * jobs for rate, jobs in samples) / sum(jobs for _, jobs in samples)
+
+
+def fleet_seconds_per_unit(workers: list[dict]) -> float | None:
+    """What a GPU with no history is assumed to take per cost unit: the fleet's median; None
+    when no GPU has any."""
+    known = [r for r in map(gpu_seconds_per_unit, workers) if r is not None]
+    return statistics.median(known) if known else None
+
+
 def expected_finish(worker: dict, job: JobSpec, default_rate: float) -> float:
     """Seconds until this job would be done there: every job on the GPU and this one, each its
     fixed time per prompt plus its cost at the GPU's rate, plus a checkpoint load if needed."""

@@ -177,9 +177,51 @@ class WebhookEvent(Document):
         "OutputEvent."))
 
 
+# -- The fleet and its scaling decision: GET /api/v1/fleet (common/fleet.py, common/scaling.py) ----
+
+Seconds = Annotated[float, WithJsonSchema({"type": "number", "minimum": 0})]
+GPU_STATES = ("idle", "busy", "starting", "draining")
+SCALE_ACTIONS = ("up", "down", "hold")
+
+
+class FleetGpu(Document):
+    """One live GPU as the scaling decision sees it."""
+    queue: str = Field(description="Its GPU queue, gpu.<host>.<index>.")
+    state: Annotated[str, WithJsonSchema({"enum": list(GPU_STATES)})] = Field(description=(
+        "idle: no job; busy: a job waits or runs on it; starting: its worker is up, its ComfyUI not yet; "
+        "draining: finishing what runs, taking nothing new (leaving)."))
+    work_seconds: Seconds = Field(0.0, description="Predicted GPU seconds of the jobs waiting or running on it.")
+    idle_seconds: Seconds = Field(0.0, description="How long it has had no job (0 while busy).")
+    seconds_per_unit: float | None = Field(None, description="Its measured seconds per cost unit; null: no history.")
+    checkpoint: str | None = Field(None, description="The model it holds warm.")
+
+
+class Fleet(Document):
+    """How many GPUs the fleet has, how many it should have (the comfy_fleet_desired_gpus gauge), and why."""
+    current: Count = Field(description="Live GPUs that are not draining (ready or starting).")
+    desired: Count = Field(description="GPUs the fleet should have now, within min_gpus … max_gpus.")
+    action: Annotated[str, WithJsonSchema({"enum": list(SCALE_ACTIONS)})] = Field(
+        description="up: desired > current; down: desired < current; hold.")
+    reason: str = Field(description="The rule that decided, in words.")
+    retire_first: str | None = Field(None, description="The GPU to retire first when scaling down; else null.")
+    retire: list[str] = Field(default_factory=list, description=(
+        "The GPUs to retire now, first first (current − desired of them when scaling down; else empty)."))
+    work_seconds: Seconds = Field(0.0, description=(
+        "Predicted GPU seconds of every job waiting or running: cost units × each GPU's measured seconds per unit."))
+    stranded_seconds: Seconds = Field(0.0, description="Of which on the queues of GPUs that are down.")
+    cold_start_seconds: Seconds = Field(0.0, description=(
+        "A GPU's start to its first job: measured, else SCALE_COLD_START."))
+    seconds_per_unit: Seconds = Field(0.0, description="What a GPU without history is assumed to take: the median.")
+    target_wait_seconds: Seconds = Field(0.0, description="SCALE_TARGET_WAIT.")
+    min_gpus: Count = Field(0, description="SCALE_MIN_GPUS.")
+    max_gpus: Count = Field(0, description="SCALE_MAX_GPUS.")
+    scale_down_delay_seconds: Seconds = Field(0.0, description="SCALE_DOWN_DELAY.")
+    gpus: list[FleetGpu] = Field(default_factory=list, description="Every live GPU, by queue.")
+
+
 # Every model the OpenAPI document names, in the order its components list them.
 PUBLIC_MODELS: tuple[type[Document], ...] = (
-    Error, Task, QueuedEvent, StartedEvent, ProgressEvent, OutputEvent, WebhookEvent)
+    Error, Task, QueuedEvent, StartedEvent, ProgressEvent, OutputEvent, WebhookEvent, Fleet)
 
 
 class _Contract(GenerateJsonSchema):

@@ -72,6 +72,10 @@ def worker(queue: str) -> str:
 
 
 MONITOR_LOCK = f"{PREFIX}monitor:lock"
+# Autoscaling (common/fleet.py): when each live GPU was first seen with no job, and what the
+# fleet last measured (cold start, speed), kept for when it has scaled to zero.
+FLEET_IDLE_SINCE = f"{PREFIX}fleet:idle_since"  # hash: GPU queue → unix time
+FLEET_LEARNED = f"{PREFIX}fleet:learned"  # hash: cold_start_seconds, seconds_per_unit
 DISPATCH_TURN = f"{PREFIX}dispatch:turn"  # the round-robin baseline's counter (DISPATCH_POLICY)
 
 # Admission and cancel ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import socket
 from functools import cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -69,6 +69,15 @@ class Settings(BaseSettings):
     comfyui_unreachable_deadline: float = Field(60.0, gt=0, validation_alias="COMFYUI_UNREACHABLE_DEADLINE")
     comfyui_stall_timeout: float = Field(60.0, gt=0, validation_alias="COMFYUI_STALL_TIMEOUT")
 
+    # Autoscaling (common/scaling.py): the decision the API exports for KEDA and `make run`.
+    scale_target_wait: float = Field(60.0, gt=0, validation_alias="SCALE_TARGET_WAIT",
+                                     description="Seconds a job should wait at most for a GPU.")
+    scale_min_gpus: int = Field(0, ge=0, validation_alias=AliasChoices("SCALE_MIN_GPUS", "AUTOSCALE_MIN"))
+    scale_max_gpus: int = Field(8, ge=1, validation_alias=AliasChoices("SCALE_MAX_GPUS", "AUTOSCALE_MAX"))
+    # Until a GPU reports its measured cold start (ComfyUI start plus model load).
+    scale_cold_start: float = Field(120.0, ge=0, validation_alias="SCALE_COLD_START")
+    scale_down_delay: float = Field(300.0, ge=0, validation_alias="SCALE_DOWN_DELAY",
+                                    description="Seconds a GPU must be idle before it may be retired.")
     # How the API picks a GPU (common/dispatch.py): expected_finish (the service's); round_robin and
     # gpu_cpu_load exist as baselines for the benchmark.
     dispatch_policy: Literal["expected_finish", "round_robin", "gpu_cpu_load"] = Field(
@@ -142,6 +151,11 @@ class Settings(BaseSettings):
             raise ValueError("STORAGE_BACKEND must be 'local' or 's3'")
         return value
 
+    @model_validator(mode="after")
+    def _scale_bounds(self) -> "Settings":
+        if self.scale_min_gpus > self.scale_max_gpus:
+            raise ValueError("SCALE_MIN_GPUS must not exceed SCALE_MAX_GPUS")
+        return self
     @field_validator("redis_url")
     @classmethod
     def _readable_redis_url(cls, value: str) -> str:

@@ -147,6 +147,17 @@ def test_workers_and_workflows_tables(fleet):
     assert {w["name"] for w in as_json} == {"storydiffusion", "sdxl"}
 
 
+def test_fleet_shows_the_scaling_decision(fleet):
+    shown = cli(fleet.url, "fleet")
+    assert shown.returncode == 0, shown.stderr
+    first, header, row = shown.stdout.splitlines()[:3]
+    assert first.startswith("GPUs: 1 now, ") and "desired" in first
+    assert header.split() == ["QUEUE", "STATE", "WORK", "S", "IDLE", "S", "S/UNIT", "CHECKPOINT"]
+    assert row.startswith("gpu.test.0")
+    as_json = json.loads(cli(fleet.url, "fleet", "--json").stdout)
+    assert as_json["current"] == 1 and [g["queue"] for g in as_json["gpus"]] == ["gpu.test.0"]
+
+
 def test_api_key_from_option_or_environment(fleet_factory):
     key = "cli-test-key-0123456789"
     keyed = fleet_factory(API_KEYS=f"tester:{key}")

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from app.client import (ApiError, ComfyServiceClient, Event, Image, LogLine, ServiceUnreachable, Task, WaitTimeout,
-                        Worker, WorkflowInfo)
+from app.client import (ApiError, ComfyServiceClient, Event, Fleet, FleetGpu, Image, LogLine, ServiceUnreachable, Task,
+                        WaitTimeout, Worker, WorkflowInfo)
 from tests.support.api import LENA, story
 from tests.support.procs import free_port
 
@@ -128,6 +128,12 @@ def test_workers_and_workflows_are_typed(client):
     assert workflows["storydiffusion"].default and not workflows["sdxl"].default
     assert {"characters", "scenes"} <= set(workflows["storydiffusion"].required)
     assert workflows["sdxl"].properties["steps"]["maximum"] == 100
+
+
+def test_the_fleet_is_typed(client):
+    fleet = client.fleet()
+    assert isinstance(fleet, Fleet) and fleet.current == 1 and fleet.action in ("up", "down", "hold") and fleet.reason
+    assert [type(g) for g in fleet.gpus] == [FleetGpu] and fleet.gpus[0].queue == "gpu.test.0"
 
 
 def test_events_resume_after_a_drop_without_losing_or_repeating(client):
