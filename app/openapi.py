@@ -170,7 +170,9 @@ def openapi_document(catalog: dict[str, Workflow]) -> dict:
                         "callback the service will not call: webhooks_disabled "
                         "(no WEBHOOK_SECRET / WEBHOOK_ALLOWED_HOSTS here), invalid_callback_url, "
                         "callback_not_allowed (host not allowed), invalid_callback_events."),
-                    "503": _error_response("Redis is down (broker_unavailable), no healthy GPU worker is available "
+                    "503": _error_response("Redis is down (broker_unavailable), or the job did not reach "
+                                           "REDIS_MIN_REPLICAS replicas in time (not_replicated: nothing queued), "
+                                           "no healthy GPU worker is available "
                                            "(no_worker, also when only GPUs that are down have its checkpoint, unless WAIT_FOR_GPUS), or "
                                            "the pinned GPU or host is known but down (gpu_unavailable)."),
                 }}},

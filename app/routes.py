@@ -264,7 +264,8 @@ def generate():
                            headers={"Retry-After": TOO_MANY_JOBS_RETRY_AFTER})
     try:
         send(svc.celery, task_id, queue, record)
-    except Exception:
+        _wait_replicated()
+    except Exception as exc:
         # Never leave a queued record that no message will run (it would hold a job slot), nor an
         # Idempotency-Key that would replay it: the caller's retry must queue the job afresh.
         try:
@@ -277,8 +278,32 @@ def generate():
                 svc.redis.delete(idem_key)
         except Exception:  # noqa: BLE001 - Redis is down too: the original error says so
             pass
+        if isinstance(exc, NotReplicated):
+            raise ServiceError(503, "not_replicated", str(exc), {"replicas": exc.args[1:]},
+                               headers={"Retry-After": "2"}) from None
         raise
     return _accepted(task_id)
+
+
+class NotReplicated(Exception):
+    pass
+
+
+def _wait_replicated() -> None:
+    """With REDIS_MIN_REPLICAS, a job is accepted only once that many replicas hold it, so a
+    Sentinel failover cannot lose an accepted job. WAIT covers this connection's writes: a mark
+    written after the Celery message (another connection's) orders the message before it."""
+    settings = services().settings
+    if settings.redis_min_replicas <= 0:
+        return
+    pipe = services().redis.pipeline(transaction=False)
+    pipe.incr(keys.REPLICATION_MARK)
+    pipe.execute_command("WAIT", settings.redis_min_replicas, int(settings.redis_replica_wait * 1000))
+    _, acked = pipe.execute()
+    if int(acked) < settings.redis_min_replicas:
+        raise NotReplicated(f"the job reached {int(acked)} of the {settings.redis_min_replicas} Redis replicas it must "
+                            f"be on within {settings.redis_replica_wait:g} s (a failover may be under way); "
+                            "nothing was queued: retry", int(acked), settings.redis_min_replicas)
 
 
 @api.get("/tasks/<task_id>")

@@ -1,4 +1,4 @@
-"""Celery's Redis transport, made to survive a Redis restart.
+"""Celery's Redis transport, made to survive a Redis restart and a Sentinel failover.
 
 When the broker connection drops while a late-acknowledged job runs, Celery closes the broken
 connection, and kombu's channel tries to put the job's unacknowledged message back on its
@@ -13,9 +13,41 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from kombu.transport import redis as kombu_redis
 
 log = logging.getLogger("comfy.broker")
+# Replies of a Redis that is in the middle of a Sentinel failover: a master with no replica in
+# sync yet (min-replicas-to-write), a node that became a replica, or one that lost its master.
+FAILOVER_REPLIES = ("NOREPLICAS", "READONLY", "MASTERDOWN")
+
+
+def _failover_reply(exc: Exception) -> bool:
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(FAILOVER_REPLIES)
+
+
+class QoS(kombu_redis.QoS):
+    """Bookkeeping writes a failing-over Redis refuses for a few seconds must not stop the
+    worker: restoring messages left unacked is retried at the next connection, and a message
+    whose ack is refused comes back after the visibility timeout and is dropped (its job is
+    final by then, and the task record says so)."""
+
+    def restore_visible(self, *args, **kwargs):
+        try:
+            return super().restore_visible(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if not _failover_reply(exc):
+                raise
+            log.warning("unacknowledged messages not restored now (%s); next time", exc)
+
+    def ack(self, delivery_tag):
+        try:
+            return super().ack(delivery_tag)
+        except redis.ResponseError as exc:
+            if not _failover_reply(exc):
+                raise
+            log.warning("message %s not acknowledged (%s); it comes back after the visibility timeout and is "
+                        "dropped, its job being final", delivery_tag, exc)
 
 
 class _ClosesDespiteALostConnection:
@@ -44,7 +76,7 @@ class _ClosesDespiteALostConnection:
 
 
 class Channel(_ClosesDespiteALostConnection, kombu_redis.Channel):
-    pass
+    QoS = QoS
 
 
 class Transport(kombu_redis.Transport):
@@ -52,18 +84,20 @@ class Transport(kombu_redis.Transport):
 
 
 class SentinelChannel(_ClosesDespiteALostConnection, kombu_redis.SentinelChannel):
-    pass
+    QoS = QoS
 
 
 class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
 
 
-def transport_for(url: str) -> str | None:
-    """The transport class for a broker URL, as Celery's `broker_transport` names it."""
-    scheme = url.split("://", 1)[0].lower()
-    if scheme in ("redis", "rediss", "redis+socket", "unix"):
-        return f"{__name__}:Transport"
-    if scheme == "sentinel":
-        return f"{__name__}:SentinelTransport"
-    return None
+def install() -> None:
+    """Make these the transports of the `redis`, `rediss` and `sentinel` URL schemes in this
+    process. Through kombu's alias table rather than Celery's `broker_transport`: on a lost
+    connection kombu re-reads the transport from the URL (its failover switch), which would
+    bring the stock classes back."""
+    from kombu import transport
+
+    for scheme, cls in (("redis", "Transport"), ("rediss", "Transport"), ("sentinel", "SentinelTransport")):
+        transport.TRANSPORT_ALIASES[scheme] = f"{__name__}:{cls}"
+        transport._transport_cache.pop(scheme, None)

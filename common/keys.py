@@ -76,6 +76,8 @@ MONITOR_LOCK = f"{PREFIX}monitor:lock"
 # fleet last measured (cold start, speed), kept for when it has scaled to zero.
 FLEET_IDLE_SINCE = f"{PREFIX}fleet:idle_since"  # hash: GPU queue → unix time
 FLEET_LEARNED = f"{PREFIX}fleet:learned"  # hash: cold_start_seconds, seconds_per_unit
+CELERY_UNACKED = "unacked"  # kombu's hash of delivered, unacknowledged messages (its default name)
+REPLICATION_MARK = f"{PREFIX}replication:mark"  # written before WAIT (REDIS_MIN_REPLICAS)
 DISPATCH_TURN = f"{PREFIX}dispatch:turn"  # the round-robin baseline's counter (DISPATCH_POLICY)
 
 # Admission and cancel ------------------------------------------------------------------------

@@ -25,9 +25,8 @@ def make_celery(settings: Settings | None = None, include: tuple[str, ...] = ())
     settings = settings or get_settings()
     broker_url, sentinel_options = redis_conn.celery_broker(settings)  # REDIS_URL in kombu's form
     app = Celery("comfy_service", broker=broker_url)
+    broker.install()  # kombu's Redis transports, hardened: a Redis restart or failover stops no worker
     app.conf.update(
-        # kombu's Redis transport, hardened so a Redis restart does not stop the worker.
-        broker_transport=broker.transport_for(settings.redis_url),
         task_serializer="json", accept_content=["json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,

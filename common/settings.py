@@ -20,6 +20,12 @@ class Settings(BaseSettings):
     redis_sentinel_password: SecretStr = Field(SecretStr(""), validation_alias="REDIS_SENTINEL_PASSWORD",
                                                description="Sentinels' requirepass; empty: none.")
 
+    # A job is accepted (202) only once this many Redis replicas hold it (WAIT, up to
+    # REDIS_REPLICA_WAIT seconds; else 503 not_replicated): with Sentinel, a failover then loses no
+    # accepted job. 0: no wait.
+    redis_min_replicas: int = Field(0, ge=0, validation_alias="REDIS_MIN_REPLICAS")
+    redis_replica_wait: float = Field(1.0, gt=0, validation_alias="REDIS_REPLICA_WAIT")
+
     # The API.
     api_host: str = Field("127.0.0.1", validation_alias="API_HOST")
     api_port: int = Field(8080, validation_alias="API_PORT")

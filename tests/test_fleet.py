@@ -303,3 +303,18 @@ def test_warm_shutdown_drains_the_worker_and_moves_what_waits(fleet_factory):
     assert_one_result_set(fleet, docs)
     assert "gpu.test.1" not in {w["queue"] for w in requests.get(fleet.url + "/api/v1/workers", timeout=5).json()[
         "workers"]}
+
+
+def test_a_waiting_job_whose_celery_message_was_lost_is_sent_again(fleet_factory):
+    """A Redis failover can keep a job's record and lose its message: the job would wait for ever."""
+    fleet = fleet_factory()
+    fleet.start_gpus(1, "--step-seconds", "0.05")
+    busy = [submit(fleet.url, job(steps=60)) for _ in range(2)]  # one runs, one waits inside ComfyUI
+    waiting = submit(fleet.url, job(steps=2))
+    client = redis.Redis.from_url(fleet.redis.url)
+    wait_until(lambda: client.llen("gpu.test.0") == 1, 10, what="the third job's message in Celery's queue")
+    assert client.lrem("gpu.test.0", 1, client.lindex("gpu.test.0", 0)) == 1  # the message is lost
+    done = wait_status(fleet.url, waiting["task_id"], timeout=60)
+    assert done["status"] == "succeeded", done
+    assert [a["code"] for a in record(fleet, waiting["task_id"])["attempt_log"]] == ["message_lost"]
+    assert all(wait_status(fleet.url, t["task_id"], timeout=30)["status"] == "succeeded" for t in busy)

@@ -4,8 +4,6 @@ runs twice, the API says 503 meanwhile and recovers by itself."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 
 import pytest
@@ -14,39 +12,16 @@ import requests
 
 from tests.support.api import story, submit, wait_status
 from tests.support.fleet import Fleet
-from tests.support.procs import free_port, wait_until
+from tests.support.procs import RedisServer, free_port, wait_until
 from tests.test_events import SECRET, Receiver
 
 pytestmark = pytest.mark.timeout(180)
 
 
-class AofRedis:
-    """redis-server with every write in its append-only file, restartable on the same port."""
-
-    def __init__(self, workdir):
-        self.port, self.workdir, self.proc = free_port(), workdir, None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> "AofRedis":
-        self.proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-                                      "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        wait_until(lambda: client.ping(), 15, what="redis (loading its AOF)")
-        return self
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(5)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.kill()
-
-
 @pytest.fixture
 def outage_fleet(tmp_path):
-    server, receiver = AofRedis(tmp_path).start(), Receiver()
+    # Every write in its append-only file (fsync always), restartable on the same port.
+    server, receiver = RedisServer(port=free_port(), workdir=tmp_path, durable=True).start(), Receiver()
     fleet = Fleet(workdir=tmp_path, redis=server, extra_env={
         "REDIS_OUTAGE_TOLERANCE": "60", "RECONCILE_GRACE": "2", "WEBHOOK_SECRET": SECRET,
         "WEBHOOK_ALLOWED_HOSTS": f"127.0.0.1:{receiver.port}", "WEBHOOK_BACKOFF": "0.3"})

@@ -31,6 +31,7 @@ from common.task_store import FAILED, TERMINAL, TaskStore, now_iso
 
 log = logging.getLogger("comfy.monitor")
 LOCK = keys.MONITOR_LOCK
+LOST_MESSAGE_AGE = 10.0  # seconds a job waits before a missing Celery message counts as lost
 
 
 def needs_moving(beat: dict | None) -> bool:
@@ -57,13 +58,17 @@ class Monitor:
             return
         alive = {w["queue"]: w for w in self.registry.alive()}
         now = datetime.now(timezone.utc)
-        for queue in self.registry.known_queues():
+        queues = self.registry.known_queues()
+        slack = self._unacked_untaken(queues)
+        for queue in queues:
             beat = alive.get(queue)
             for record in filter(None, self.store.get_many(self.store.taken(queue))):
                 if reconcile.suspect(record, beat, now, self.grace):
                     self._settle(record, queue, beat, now)
             if needs_moving(beat):
                 self._move_waiting(queue)
+            else:
+                self._recover_lost_messages(queue, slack)
         if self.notifier is not None:
             self._resend_owed_webhooks()
 
@@ -136,6 +141,49 @@ class Monitor:
         self._purge_stale_messages(queue)
         if moved:
             log.warning("moved %d waiting job(s) off %s", moved, queue)
+
+    def _unacked_untaken(self, queues: list[str]) -> int:
+        """Unacknowledged Celery messages beyond those of taken jobs (whose messages stay unacked
+        while they run): messages a worker holds but has not handed over yet, or stale ones."""
+        pipe = self.store.redis.pipeline(transaction=False)
+        pipe.hlen(keys.CELERY_UNACKED)
+        for queue in queues:
+            pipe.zcard(keys.handed(queue))
+            pipe.scard(keys.running(queue))
+        unacked, *taken = pipe.execute()
+        return max(int(unacked) - sum(taken), 0)
+
+    def _recover_lost_messages(self, queue: str, slack: int) -> None:
+        """A job waiting for its GPU whose Celery message is gone (a Redis failover can keep the
+        record and lose the message, or lose a worker's hand-over after it took the message)
+        would wait for ever: sent again. Cheap while nothing is missing: the queue's messages,
+        plus the unacknowledged ones no taken job accounts for, cover its waiting jobs, and no
+        message is read."""
+        redis = self.store.redis
+        pipe = redis.pipeline(transaction=False)
+        pipe.zcard(keys.waiting(queue))
+        pipe.llen(queue)
+        waiting, queued = pipe.execute()
+        if not waiting or queued + slack >= waiting:
+            return
+        cutoff = (time.time() - LOST_MESSAGE_AGE) * 1000  # not a message in flight between two lists
+        old = [m.decode() for m in redis.zrangebyscore(keys.waiting(queue), "-inf", cutoff)]
+        if not old:
+            return
+        present = set()
+        for raw in [*redis.lrange(queue, 0, -1), *redis.hvals(keys.CELERY_UNACKED)]:
+            try:
+                message = json.loads(raw)
+                message = message[0] if isinstance(message, list) else message  # unacked: [message, exchange, key]
+                present.add(message["headers"]["id"])
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+        for record in filter(None, self.store.get_many(t for t in old if t not in present)):
+            if state_of(record) == State.WAITING and record.get("queue") == queue:
+                log.warning("task %s waits on %s but its Celery message is gone; sending it again", record["task_id"],
+                            queue)
+                requeue(self.store, self.registry, self.celery, record, reason={
+                    "code": "message_lost", "gpu": queue, "message": "its Celery message was lost"})
 
     def _purge_stale_messages(self, queue: str) -> None:
         """Drop Celery messages in `queue` whose job no longer waits there (moved, cancelled, done)."""

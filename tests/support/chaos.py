@@ -235,11 +235,12 @@ class Chaos:
         self.group = None
         if plan.sentinel:
             self.group = SentinelGroup(wd / "redis", down_after_ms=plan.sentinel_down_ms, failover_timeout_ms=10_000,
-                                       durable=True, min_replica_lag=5)
+                                       durable=True)
             store = self.group
         else:
             store = RedisServer(port=free_port(), workdir=wd, durable=True)
-        fleet = Fleet(workdir=wd, redis=store, extra_env={**FAST_ENV, **plan.env})
+        env = {**FAST_ENV, **({"REDIS_MIN_REPLICAS": "1"} if plan.sentinel else {}), **plan.env}
+        fleet = Fleet(workdir=wd, redis=store, extra_env=env)
         self.fleet = fleet
         fleet.redis.start()
         for i in range(plan.gpus):
