@@ -268,16 +268,24 @@ def generate():
     except Exception as exc:
         # Never leave a queued record that no message will run (it would hold a job slot), nor an
         # Idempotency-Key that would replay it: the caller's retry must queue the job afresh.
+        error = {"source": "service", "code": "broker_unavailable", "message": "the job could not be queued",
+                 "details": {}}
         try:
-            error = {"source": "service", "code": "broker_unavailable", "message": "the job could not be queued",
-                     "details": {}}
-            svc.store.apply("fail", task_id, queue=queue, owner=owner, fields={"finished_at": now_iso(),
-                            "error": error}, event={"queue": queue},
-                            metric_ops=metrics.finished_ops(record, "failed", error))
-            if idem_key:
+            undone = svc.store.apply("fail", task_id, queue=queue, owner=owner, fields={"finished_at": now_iso(),
+                                     "error": error}, event={"queue": queue},
+                                     metric_ops=metrics.finished_ops(record, "failed", error))
+        except Exception:  # noqa: BLE001 - Redis is gone too: whether the job stays queued is unknown
+            raise ServiceError(503, "broker_unavailable", (
+                "Redis failed while the job was being queued, and the service cannot tell whether it was: retry "
+                "with the same Idempotency-Key to get exactly this job or a new one, or look it up"),
+                {"task_id": task_id, "queued": "unknown"}, headers={"Retry-After": "5"}) from None
+        if not undone.applied and undone.before is not None:
+            return _accepted(task_id)  # a worker took it already (the message went out): it runs
+        if idem_key:
+            try:
                 svc.redis.delete(idem_key)
-        except Exception:  # noqa: BLE001 - Redis is down too: the original error says so
-            pass
+            except Exception:  # noqa: BLE001 - the job is failed: a replay shows that
+                pass
         if isinstance(exc, NotReplicated):
             raise ServiceError(503, "not_replicated", str(exc), {"replicas": exc.args[1:]},
                                headers={"Retry-After": "2"}) from None

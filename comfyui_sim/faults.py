@@ -42,6 +42,10 @@ def parse_request(body) -> tuple[dict, list[str]]:
         return {}, ["the body must be a JSON object"]
     problems = []
     for key, value in body.items():
+        if key == "remove_checkpoint":  # a model file deleted from disk (reset restores it)
+            if not isinstance(value, str) or not value:
+                problems.append("remove_checkpoint must be a checkpoint file name")
+            continue
         if key in _ACTIONS:
             if not isinstance(value, bool):
                 problems.append(f"{key} must be true or false")

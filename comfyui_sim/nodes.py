@@ -232,6 +232,12 @@ class NodeRegistry:
         self.schemas: dict[str, dict] = schemas
         self.checkpoints = list(checkpoints)
 
+    def set_checkpoints(self, checkpoints) -> None:
+        """The model files on disk changed (one deleted, or restored): /object_info and prompt
+        validation follow, as ComfyUI's would on its next scan of the folder."""
+        self.checkpoints = list(checkpoints)
+        self.schemas["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] = list(checkpoints)
+
     def is_output(self, class_type: str) -> bool:
         return self.schemas[class_type].get("output_node") is True
 

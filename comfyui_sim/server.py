@@ -417,7 +417,12 @@ class Simulator:
             if problems:
                 return web.json_response({"error": "; ".join(problems)}, status=400)
             self.faults.apply(changes)
-            log.info("comfyui_sim faults: %s", self.faults.state.public())
+            if changes.get("reset"):
+                self.registry.set_checkpoints(self.config.checkpoints)
+            if changes.get("remove_checkpoint"):
+                self.registry.set_checkpoints([c for c in self.registry.checkpoints
+                                               if c != changes["remove_checkpoint"]])
+            log.info("comfyui_sim faults: %s; checkpoints %s", self.faults.state.public(), self.registry.checkpoints)
             if changes.get("drop_websockets"):
                 self.hub.drop_all()
             response = web.json_response(self.faults.state.public())

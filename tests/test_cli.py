@@ -82,7 +82,11 @@ def test_no_wait_prints_the_task_id(fleet):
 
 
 def test_failed_job_exits_1(fleet):
-    done = cli(fleet.url, "generate", *STORY, "--set", "checkpoint=not_installed_model.safetensors")
+    fleet.sims[0].faults(fail_at_step=1)  # ComfyUI fails the run
+    try:
+        done = cli(fleet.url, "generate", *STORY)
+    finally:
+        fleet.sims[0].faults(reset=True)
     assert done.returncode == 1, done.stderr
     assert "error: comfyui/" in done.stderr and done.stdout == ""
 

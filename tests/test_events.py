@@ -295,8 +295,12 @@ def test_progress_webhooks_when_asked_and_a_failed_job_reports_its_error(fleet):
     assert types().count("task.output") == 2 and types().count("task.succeeded") == 1
 
     failing = "/hooks/failed"
-    bad = submit(fleet.url, story(checkpoint="not_installed_model.safetensors", callback_url=receiver.url(failing)))
-    assert wait_status(fleet.url, bad["task_id"])["status"] == "failed"
+    fleet.sims[0].faults(fail_at_step=1)  # ComfyUI fails the run
+    try:
+        bad = submit(fleet.url, story(callback_url=receiver.url(failing)))
+        assert wait_status(fleet.url, bad["task_id"])["status"] == "failed"
+    finally:
+        fleet.sims[0].faults(reset=True)
     wait_until(lambda: receiver.received(failing), 15, what="the failure delivery")
     payload = json.loads(receiver.received(failing)[0]["body"])
     assert payload["type"] == "task.failed" and payload["data"]["error"]["source"] == "comfyui"

@@ -59,7 +59,8 @@ def test_two_gpus_four_long_jobs_two_run_and_two_wait_inside_comfyui(fleet_facto
         # Each worker runs one prompt and keeps the next inside its ComfyUI: that one is queued.
         def two_and_two():
             seen = docs(fleet.url, tasks)
-            return sorted(d["status"] for d in seen) == ["queued", "queued", "running", "running"] and seen
+            return (sorted(d["status"] for d in seen) == ["queued", "queued", "running", "running"]
+                    and all(d["gpu"] for d in seen) and seen)
         seen = wait_until(two_and_two, 30, what="two running, two queued inside ComfyUI")
         waiting = [d for d in seen if d["status"] == "queued"]
         running = [d for d in seen if d["status"] == "running"]

@@ -91,8 +91,14 @@ def test_sdxl_workflow_and_random_seed_reported(fleet):
 
 
 def test_comfyui_validation_error_keeps_node_errors(fleet):
-    task = submit(fleet.url, story(checkpoint="not_installed_model.safetensors"))
-    done = wait_status(fleet.url, task["task_id"])
+    # The model file was deleted after the worker last listed its ComfyUI's checkpoints
+    # (CHECKPOINTS_REFRESH): the service still offers it, ComfyUI's own validation refuses it.
+    fleet.sims[0].faults(remove_checkpoint="juggernautXL_v8Rundiffusion.safetensors")
+    try:
+        task = submit(fleet.url, story())
+        done = wait_status(fleet.url, task["task_id"])
+    finally:
+        fleet.sims[0].faults(reset=True)
     assert done["status"] == "failed"
     error = done["error"]
     assert error["source"] == "comfyui"

@@ -210,6 +210,7 @@ class Submission:
     status: int | None = None      # HTTP status; None: no answer
     code: str | None = None        # error code, or the exception's name without an answer
     task_id: str | None = None
+    maybe_task_id: str | None = None  # a refusal that named the job it may have queued
 
 
 class Chaos:
@@ -283,6 +284,11 @@ class Chaos:
             sub.task_id = doc.get("task_id")
         else:
             sub.code = (doc.get("error") or {}).get("code") or "no_error_body"
+            # A 503 that names the job and says it may have been queued told the caller the truth.
+            details = (doc.get("error") or {}).get("details") or {}
+            if details.get("queued") == "unknown" and details.get("task_id"):
+                sub.code += " (may be queued)"
+                sub.maybe_task_id = details["task_id"]
 
     def _fault_loop(self, stop: threading.Event) -> None:
         plan, counts = self.plan, Counter()
@@ -554,7 +560,8 @@ class Chaos:
             "accepted_without_answer": sum(1 for s in accepted if s.status is None),
             "refused": dict(refused),
             "refused_when_s": {k: [round(min(v), 1), round(max(v), 1)] for k, v in refused_at.items()},
-            "refused_but_queued": sum(1 for s in recorded_anyway if s.status is not None),
+            # Refused with no word that it may run, yet queued: the caller was told something untrue.
+            "refused_but_queued": sum(1 for s in recorded_anyway if s.status is not None and not s.maybe_task_id),
             "succeeded": outcome["succeeded"], "failed": dict(failed), "cancelled": outcome["cancelled"],
             "lost": lost, "stuck": stuck, "duplicated": duplicated, "wrong_results": wrong_results,
             "submit": self._submit_latency(),
