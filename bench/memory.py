@@ -17,6 +17,7 @@ import time
 
 from bench.harness import stack
 from common import keys
+from common.settings import Settings
 from tests.support.api import story
 
 GOALS = {"waiting_bytes": 4096, "finished_bytes": 2048}
@@ -75,6 +76,11 @@ def run(quick: bool = False) -> dict:
              "finished_bytes": round(finished), "jobs": jobs,
              "one_job": {"waiting": sample_waiting, "finished, event log kept": sample_finished,
                          "finished, for RESULT_TTL": sample_kept}}
+    # What docs/deploy.md sizes Redis from: the measured bytes times a backlog and a job rate.
+    days = Settings.model_fields["result_ttl"].default / 86400
+    value["sizing"] = [{"what": "100,000 jobs waiting", "bytes": 100_000 * value["waiting_bytes"]},
+                       {"what": f"10,000 jobs a day, each kept RESULT_TTL ({days:g} days, the default)",
+                        "bytes": round(10_000 * days * value["finished_bytes"])}]
     met = value["waiting_bytes"] <= GOALS["waiting_bytes"] and value["finished_bytes"] <= GOALS["finished_bytes"]
     line = (f"{value['waiting_bytes']:,} B per waiting job (goal ≤ {GOALS['waiting_bytes']:,}), "
             f"{value['finished_bytes']:,} B per finished job kept RESULT_TTL (goal ≤ {GOALS['finished_bytes']:,}); "

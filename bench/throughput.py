@@ -2,8 +2,8 @@
 
 The API runs as `make run` starts it (gunicorn gevent, 2 workers) on this
 machine's 2 cores, with Redis and the load generator on the same cores. A closed-loop
-load generator (wrk, or bench.loadgen where wrk is absent) keeps 64 and then 256
-connections busy. Submits need a live worker: the benchmark publishes a heartbeat for one
+load generator keeps 64 and then 256 connections busy: wrk when it is installed, else
+bench.loadgen (the figure's `setup.tool` and the report name the one the run used). Submits need a live worker: the benchmark publishes a heartbeat for one
 GPU queue through the service's own Registry and runs no worker, so accepted jobs simply
 wait in Redis (the API's work per submit is the same). Baseline in the same run: the same
 gunicorn answering GET /healthz (the HTTP stack alone).
@@ -107,7 +107,7 @@ def _commands_per_submit(s, files, groups) -> dict:
 
 
 def _alive_us(s) -> dict:
-    """What the registry read costs now (its Lua sums every waiting job's cost), in µs."""
+    """What the registry read (`Registry.alive()`) costs now, in µs, with this many jobs waiting."""
     registry, times = Registry(s.redis, ttl=10), []
     for _ in range(50):
         t0 = time.perf_counter()
@@ -139,9 +139,6 @@ def _profile(s, files, groups, runs) -> dict:
     profile["send_task"] = profiling.tree(stacks, "Celery.send_task", depth=2, min_pct=1.0)
     if wall.get("stacks"):
         profile["generate_wall"] = profiling.tree(wall["stacks"], "generate", depth=2, min_pct=2.0, relative=True)
-        # Celery's task-sent event: one dispatcher per process, publishing under one mutex.
-        profile["event_publish_wall"] = profiling.tree(wall["stacks"], "EventDispatcher.publish", depth=1,
-                                                       min_pct=1.0, relative=True)
     profile["redis_commands_per_submit"] = _commands_per_submit(s, files, groups)
     return profile
 
