@@ -10,6 +10,11 @@ Each tick it reads the decision and acts on it:
 - Down: each GPU in `decision.retire` that it started gets SIGTERM, Celery's warm shutdown (the
   worker finishes what runs, takes nothing new; the monitor moves what waits); its ComfyUI is
   stopped once the worker has exited. The name is free again after that.
+- Spread: a GPU it brought up starts with nothing while a burst waits on the queue of the GPU
+  that came up first (jobs wait on one GPU's queue at zero GPUs, and the monitor moves them to
+  the first live one): each ready GPU without a job takes its share of the jobs still waiting in
+  Celery elsewhere, the newest first, through the `requeue` transition (a job a worker took
+  meanwhile is not moved; the stale message is dropped by the worker that reads it).
 - A fleet that has never had a GPU starts one: a job is accepted at zero GPUs only when it can
   wait on the queue of a GPU the fleet has had (WAIT_FOR_GPUS); that GPU goes again once idle
   past SCALE_DOWN_DELAY, like any other.
@@ -24,10 +29,15 @@ from typing import Callable, Protocol
 
 import redis
 
+from common.dispatch import matches
 from common.fleet import assess
+from common.jobs import job_spec, requeue
+from common.lifecycle import State, state_of
+from common.producer import make_celery
 from common.registry import Registry
 from common.scaling import Decision
 from common.settings import Settings
+from common.task_store import TaskStore
 
 
 class Pairs(Protocol):
@@ -61,6 +71,8 @@ class Autoscaler:
                  say: Callable[[str], None] = print):
         self.pairs, self.client, self.settings, self.host, self.say = pairs, client, settings, host, say
         self.registry = Registry(client, settings.heartbeat_ttl)
+        self.store = TaskStore(client, settings.result_ttl, settings.events_ttl)
+        self.celery = make_celery(settings)  # sends only, as the API does
         self.up: dict[str, Span] = {}  # started, not retiring
         self.retiring: dict[str, Span] = {}
         self.spans: list[Span] = []  # every pair it started, in order
@@ -99,9 +111,11 @@ class Autoscaler:
                 del self.retiring[queue]
                 self.say(f"scale down: {queue} stopped after {span.stopped - span.retired:.1f} s of draining "
                          f"({span.seconds(span.stopped):.1f} s up)")
-        assessment = assess(self.client, self.registry, self.settings)
+        workers = self.registry.alive()
+        assessment = assess(self.client, self.registry, self.settings, workers=workers)
         decision = self.last = assessment.decision
         alive = {g.queue for g in assessment.state.gpus}
+        self.spread(workers)
         pending = [q for q in self.up if q not in alive]  # started, no heartbeat yet
         for queue in decision.retire:
             span = self.up.pop(queue, None)
@@ -116,6 +130,32 @@ class Autoscaler:
             self._start(f"desired {decision.desired}, {decision.current} up, {len(pending)} starting: "
                         f"{decision.reason}")
         return decision
+
+    def spread(self, workers: list[dict]) -> int:
+        """Give each ready GPU without a job its share of what waits in Celery elsewhere."""
+        ready = [w for w in workers if w.get("comfyui_ok") and not w.get("draining")]
+        idle = [w for w in ready if not w.get("jobs")]
+        if not idle:
+            return 0
+        waiting = {w["queue"]: self.store.waiting(w["queue"]) for w in ready}  # oldest first
+        share = sum(map(len, waiting.values())) // len(ready)
+        moved = 0
+        for target in idle:
+            for _ in range(share):
+                source = max(waiting, key=lambda q: len(waiting[q]))
+                if len(waiting[source]) <= share:
+                    break
+                record = self.store.get(waiting[source].pop())  # the newest waits longest there
+                if (record is None or state_of(record) != State.WAITING or record.get("queue") != source
+                        or not matches(target, job_spec(record))):
+                    continue
+                if requeue(self.store, self.registry, self.celery, record, to=target["queue"], must_move=True,
+                           reason={"code": "rebalanced", "gpu": source,
+                                   "message": f"{target['queue']} came up with nothing to do"}):
+                    moved += 1
+        if moved:
+            self.say(f"spread: moved {moved} waiting job(s) to {', '.join(w['queue'] for w in idle)}")
+        return moved
 
     @property
     def draining(self) -> bool:
