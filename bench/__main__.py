@@ -20,10 +20,11 @@ from bench import harness, report
 
 REPO = Path(__file__).resolve().parents[1]
 # Cheapest first; each module's run(quick) returns the figure's dict.
-FIGURES = ["commands", "memory", "idle", "overhead", "cancel", "progress", "dispatch", "throughput", "backlog", "scale"]
+FIGURES = ["commands", "memory", "idle", "overhead", "cancel", "progress", "dispatch", "throughput", "backlog", "scale",
+           "autoscale"]
 # Wall-clock limit per figure (full run); a figure past it is stopped and reported as failed.
-LIMITS = {"commands": 90, "memory": 150, "idle": 60, "overhead": 120, "cancel": 90, "progress": 90, "dispatch": 180, "throughput": 150, "backlog": 120,
-          "scale": 180}
+LIMITS = {"commands": 90, "memory": 150, "idle": 60, "overhead": 120, "cancel": 90, "progress": 90, "dispatch": 180,
+          "throughput": 150, "backlog": 120, "scale": 180, "autoscale": 480}
 
 
 class FigureTimeout(Exception):

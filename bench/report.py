@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 ORDER = [("overhead", 1), ("idle", 2), ("dispatch", 3), ("cancel", 4), ("throughput", 5), ("progress", 6),
-         ("scale", 7), ("commands", 8), ("memory", 9), ("backlog", 10)]
+         ("scale", 7), ("commands", 8), ("memory", 9), ("backlog", 10), ("autoscale", 11)]
 STAGES = {"celery_api": "in Celery → API shows cancelled", "pending_sim": "pending in ComfyUI → deleted there",
           "pending_api": "pending in ComfyUI → API shows cancelled", "running_interrupt": "running → interrupt reaches ComfyUI",
           "running_sim": "running → prompt stopped", "running_api": "running → API shows cancelled"}
@@ -402,8 +402,43 @@ def backlog(f: dict, docs: Path) -> list[str]:
             f"Redis time per submit by command with the backlog: {top}."]
 
 
-SECTIONS = {"commands": commands, "memory": memory, "overhead": overhead, "idle": idle, "dispatch": dispatch, "cancel": cancel, "throughput": throughput,
-            "progress": progress, "scale": scale, "backlog": backlog}
+def autoscale(f: dict, docs: Path) -> list[str]:
+    fleets = f["fleets"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.4))
+    for fl in fleets:  # GPUs up over the day, from each GPU's start and stop
+        edges = sorted([(sp["start"], 1) for sp in fl["spans"]] + [(sp["stop"], -1) for sp in fl["spans"] if sp["stop"] is not None])
+        t, n, xs, ys = 0.0, 0, [0.0], [0]
+        for t, step in edges:
+            xs += [max(t, 0.0), max(t, 0.0)]
+            ys += [n, n + step]
+            n += step
+        xs.append(fl["day_seconds"])
+        ys.append(n)
+        a.plot(xs, ys, label=fl["fleet"])
+    a.set(xlabel="seconds into the day", ylabel="GPUs up", title="Fleet size over the day")
+    a.legend(fontsize=8)
+    names = [fl["fleet"] for fl in fleets]
+    b.bar(names, [fl["wait_s"]["p95"] for fl in fleets])
+    b.set(ylabel="s", title="p95 wait (submit → ComfyUI started it)")
+    img = _save(fig, docs, "perf-autoscale.png")
+    rows = ["| fleet | jobs | wait p50 / p95 / max s | GPU-seconds | GPUs started | measured cold start s |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| {fl['fleet']} | {fl['jobs']} | {fl['wait_s']['p50']} / {fl['wait_s']['p95']} / {fl['wait_s']['max']} | "
+             f"{fl['gpu_seconds']} | {fl['gpus_started']} | {fl.get('measured_cold_start_s') or '–'} |" for fl in fleets]
+    setup, plan = f["setup"], f["setup"]["day"]
+    return [*rows, "", img, "",
+            f"The day, scaled down ({setup['scaled_down']}): {plan['burst']} jobs at {plan['burst_at']:g} s, "
+            f"{len(plan['trickle'])} more from {plan['trickle'][0]:g} s to {plan['trickle'][-1]:g} s, idle until "
+            f"{plan['length']:g} s (or until the last job started, if later). Jobs: {setup['job']}. Cold start: "
+            f"{setup['cold_start']}. Scaling: " + ", ".join(f"{k} {v:g}" for k, v in setup["scaling"].items()) + ". "
+            "Each fleet ran the same day for real, one after another; GPU-seconds count each GPU's time up within "
+            "the day (a fixed fleet pays all of it; the autoscaled fleet's GPU of the warm-up before the day is not "
+            "counted)."]
+
+
+SECTIONS = {"autoscale": autoscale, "commands": commands, "memory": memory, "overhead": overhead, "idle": idle,
+            "dispatch": dispatch, "cancel": cancel, "throughput": throughput, "progress": progress, "scale": scale,
+            "backlog": backlog}
 
 
 def empty_results(host: dict) -> dict:

@@ -88,7 +88,8 @@ def assess(client: redis.Redis, registry: Registry, settings: Settings, workers:
         load = max(float(beat.get("load") or 0.0), 0.0)
         busy = bool(beat.get("waiting") or beat.get("running")) or load > 0
         own_rate = gpu_seconds_per_unit(beat)
-        if busy:
+        ready = bool(beat.get("comfyui_ok"))
+        if busy or not ready:  # a GPU still starting is not idle: its idle clock starts once it can take jobs
             idle = 0.0
             if queue in idle_since:
                 pipe.hdel(keys.FLEET_IDLE_SINCE, queue)
@@ -99,7 +100,7 @@ def assess(client: redis.Redis, registry: Registry, settings: Settings, workers:
                 since = now
             idle = max(now - since, 0.0)
         gpus.append(Gpu(queue=queue, work_seconds=load * (own_rate or rate), busy=busy, idle_seconds=idle,
-                        ready=bool(beat.get("comfyui_ok")), draining=bool(beat.get("draining")),
+                        ready=ready, draining=bool(beat.get("draining")),
                         seconds_per_unit=own_rate, checkpoint=beat.get("checkpoint")))
     gone = [q for q in idle_since if q not in alive]  # a GPU that left: its next start is not idle
     if gone:

@@ -21,18 +21,20 @@ def job_spec(record: dict, exclude: frozenset[str] = frozenset()) -> JobSpec:
 
 
 def requeue(store: TaskStore, registry: Registry, celery: Celery, record: dict, *, reason: dict,
-            avoid: str | None = None, must_move: bool = False, instance: str | None = None) -> str | None:
+            avoid: str | None = None, must_move: bool = False, instance: str | None = None,
+            to: str | None = None) -> str | None:
     """Move a job (waiting, handed or running) to the best healthy GPU, avoiding `avoid` when
-    another fits; `instance` is the worker that has it (handed or running).
+    another fits; `instance` is the worker that has it (handed or running). `to`: that GPU's
+    queue, chosen by the caller (the local autoscaler spreading a backlog over GPUs it started).
 
     With no healthy GPU at all the job waits on its own queue again, unless `must_move`
     (then nothing changes). Returns the new queue, or None if nothing was moved (no GPU with
     `must_move`, or the record changed under us: cancelled, finished, moved).
     `reason` is appended to the job's attempt log, which a final failure reports.
     """
-    workers = registry.alive()
-    queue = None
-    if avoid:
+    queue = to
+    workers = registry.alive() if to is None else []
+    if queue is None and avoid:
         queue = choose(workers, job_spec(record, frozenset({avoid})))
     queue = queue or choose(workers, job_spec(record))
     if queue is None:

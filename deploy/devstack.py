@@ -9,6 +9,11 @@
   loopback, because without API keys the API is open; see docs/security.md).
 - Flower on http://127.0.0.1:5555.
 
+With AUTOSCALE=true (simulators only), no fixed pair is started: the local autoscaler
+(`deploy/autoscale.py`) starts and stops simulator + worker pairs from the fleet's scaling decision
+every AUTOSCALE_INTERVAL seconds, between AUTOSCALE_MIN and AUTOSCALE_MAX GPUs, and WAIT_FOR_GPUS
+is on so a job submitted at zero GPUs waits for one. A retiring pair is not restarted.
+
 It supervises them: a worker, simulator, webhook worker, Flower or the API that dies is started
 again, with a log line, while the rest keep running (a SIGKILLed worker's job finishes on another
 GPU meanwhile). One that dies more than RESTART_LIMIT times within RESTART_WINDOW seconds, or the
@@ -71,6 +76,7 @@ class Stack:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.specs: dict[str, tuple[list[str], dict[str, str] | None, bool]] = {}
         self.restarts: dict[str, list[float]] = {}
+        self.released: set[str] = set()  # leaving on purpose (a retiring GPU): not started again
         (VAR / "logs").mkdir(parents=True, exist_ok=True)
 
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None, log: bool = True) -> subprocess.Popen:
@@ -80,8 +86,35 @@ class Stack:
         if out is not None:
             out.close()  # the child has its own copy
         self.specs[name] = (cmd, env, log)
+        self.released.discard(name)
         self.procs = [(n, p) for n, p in self.procs if n != name] + [(name, proc)]
         return proc
+
+    def running(self, name: str) -> bool:
+        return any(n == name and p.poll() is None for n, p in self.procs)
+
+    def release(self, name: str, sig: int | None = None) -> None:
+        """Stop supervising `name` (its exit is not restarted), and send it `sig`."""
+        self.released.add(name)
+        for n, proc in self.procs:
+            if n == name and sig is not None and proc.poll() is None:
+                os.killpg(proc.pid, sig)
+
+    def stop_one(self, name: str, timeout: float = 10.0) -> None:
+        self.release(name, signal.SIGTERM)
+        for n, proc in list(self.procs):
+            if n == name:
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(5)
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        self.procs = [(n, p) for n, p in self.procs if n != name]
+        self.specs.pop(name, None)
+        self.released.discard(name)
 
     def supervise(self) -> str | None:
         """Start again whatever died (see the module docs); the reason to stop the stack, if any."""
@@ -93,6 +126,9 @@ class Stack:
                 os.killpg(proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            if name in self.released:
+                self._forget(name)
+                continue
             if name in NOT_RESTARTED:
                 return f"{name} exited with {code}"
             now = time.monotonic()
@@ -156,6 +192,58 @@ def _webhook_env() -> dict[str, str]:
     return env
 
 
+def _sim_cmd(index: int, port: int) -> list[str]:
+    # COMFYUI_SIM_* in the environment reach it: COMFYUI_SIM_SLOW_START and COMFYUI_SIM_LOAD_SECONDS
+    # simulate a GPU's cold start (ComfyUI's start, the model load).
+    return [sys.executable, "-m", "comfyui_sim", "--port", str(port), "--output-dir", str(VAR / f"sim-{index}"),
+            "--gpu-name", f"Simulated GPU {index}"]
+
+
+class StackPairs:
+    """Simulator + worker pairs as supervised processes of the stack (deploy/autoscale.py's Pairs)."""
+
+    def __init__(self, stack: Stack, env: dict[str, str]):
+        self.stack, self.env = stack, env
+        self.index: dict[str, int] = {}
+        self.ports: dict[str, int] = {}  # a simulator just started may not listen yet: its port is taken
+
+    def start(self, index: int, queue: str) -> None:
+        # Not waiting for the simulator: the worker comes up beside it, as in a pod, and its
+        # heartbeat says "starting" until ComfyUI answers (that wait is part of the cold start).
+        port = 8188 + index
+        while port in self.ports.values() or not port_free(port):
+            port += 1
+        self.ports[queue] = port
+        self.stack.spawn(f"comfyui-sim-{index}", _sim_cmd(index, port))
+        self.stack.spawn(f"worker-{index}", [sys.executable, "-m", "workers"],
+                         {**self.env, "COMFYUI_URL": f"http://127.0.0.1:{port}", "GPU_INDEX": str(index),
+                          "GPU_QUEUE": queue})
+        self.index[queue] = index
+
+    def retire(self, queue: str) -> None:
+        self.stack.release(f"worker-{self.index[queue]}", signal.SIGTERM)  # Celery's warm shutdown
+
+    def worker_exited(self, queue: str) -> bool:
+        return not self.stack.running(f"worker-{self.index[queue]}")
+
+    def stop(self, queue: str) -> None:
+        self.stack.stop_one(f"comfyui-sim-{self.index.pop(queue)}")
+        self.ports.pop(queue, None)
+
+
+def _autoscaler(stack: Stack, env: dict[str, str], redis_url: str):
+    from common import redis_conn
+    from common.settings import get_settings
+    from deploy.autoscale import Autoscaler
+
+    settings = get_settings().model_copy(update={"redis_url": redis_url, "wait_for_gpus": True})
+    say(f"AUTOSCALE: {settings.scale_min_gpus}…{settings.scale_max_gpus} simulated GPUs from the fleet's decision "
+        f"(target wait {settings.scale_target_wait:g} s, scale-down delay {settings.scale_down_delay:g} s); "
+        "WAIT_FOR_GPUS=true: a job submitted at zero GPUs waits for one")
+    client = redis_conn.connect(settings, socket_timeout=5)
+    return Autoscaler(StackPairs(stack, env), client, settings, socket.gethostname(), say=say)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -182,16 +270,19 @@ def main() -> int:
         env["REDIS_URL"] = redis_url
 
         urls = [u.strip() for u in os.environ.get("COMFYUI_URLS", "").split(",") if u.strip()]
-        if not urls:
+        autoscale = os.environ.get("AUTOSCALE", "").strip().lower() in ("1", "true", "yes", "on")
+        if autoscale and urls:
+            raise SystemExit("AUTOSCALE=true starts simulators itself; unset COMFYUI_URLS (it cannot start real ComfyUIs)")
+        if autoscale:
+            env["WAIT_FOR_GPUS"] = "true"
+        elif not urls:
             print(BANNER, flush=True)
             say("COMFYUI_URLS is unset: starting two ComfyUI SIMULATORS (no GPU, no models, labelled pictures).")
             say("Set COMFYUI_URLS=http://127.0.0.1:8188 to drive a real ComfyUI instead.")
             print(BANNER, flush=True)
             for index in range(2):
                 port = free_port_from(8188 + index)
-                sim = stack.spawn(f"comfyui-sim-{index}", [sys.executable, "-m", "comfyui_sim", "--port", str(port),
-                                                           "--output-dir", str(VAR / f"sim-{index}"),
-                                                           "--gpu-name", f"Simulated GPU {index}"])
+                sim = stack.spawn(f"comfyui-sim-{index}", _sim_cmd(index, port))
                 urls.append(f"http://127.0.0.1:{port}")
                 wait_http(urls[-1] + "/system_stats", sim, f"simulator {index}")
         env.update(_webhook_env())
@@ -217,7 +308,18 @@ def main() -> int:
         _say_access(api_host, redis_url)
         say(f"Flower  http://127.0.0.1:{flower_port}")
         say("logs in var/logs/; a process that dies is started again; Ctrl-C stops everything")
+        scaler = _autoscaler(stack, env, redis_url) if autoscale else None
+        interval = float(os.environ.get("AUTOSCALE_INTERVAL", "2"))
+        next_tick = time.monotonic()
+        if scaler:
+            scaler.bootstrap()
         while (reason := stack.supervise()) is None:
+            if scaler and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + interval
+                try:
+                    scaler.tick()
+                except Exception as exc:  # noqa: BLE001 - a Redis hiccup skips one tick, not the stack
+                    say(f"autoscaler tick failed: {type(exc).__name__}: {exc}")
             time.sleep(0.5)
         say(f"{reason}; stopping the rest (see var/logs/)")
         return 1

@@ -138,3 +138,18 @@ def test_the_route_and_the_gauge_rise_with_a_backlog_and_go_back_down(fleet_fact
     after = fleet_doc(fleet.url)
     assert (after["desired"], after["work_seconds"], after["retire_first"]) == (0, 0, "gpu.test.0")
     assert after["gpus"][0]["seconds_per_unit"] > 0  # measured from the backlog's jobs
+
+
+def test_a_gpu_still_starting_is_not_idle_so_a_slow_cold_start_is_not_retired_before_it_can_work(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    registry = Registry(client, ttl=30)
+    cfg = settings(redis_server.url)  # SCALE_DOWN_DELAY 300
+    registry.publish(beat("gpu.h.0", comfyui_ok=False))  # its ComfyUI does not answer yet
+    now = time.time()
+    assess(client, registry, cfg, now=now)
+    starting = assess(client, registry, cfg, now=now + 600)
+    assert starting.state.gpus[0].idle_seconds == 0 and starting.decision.retire == ()
+    registry.publish(beat("gpu.h.0", comfyui_ok=True))
+    assess(client, registry, cfg, now=now + 601)  # ready: its idle clock starts now
+    assert assess(client, registry, cfg, now=now + 604).state.gpus[0].idle_seconds == pytest.approx(3.0)
+    assert assess(client, registry, cfg, now=now + 902).decision.retire == ("gpu.h.0",)

@@ -10,6 +10,7 @@ import time
 import uuid
 from functools import cache
 
+import psutil
 import redis
 from celery.worker import state as celery_state
 
@@ -79,6 +80,12 @@ class WorkerRuntime:
         self.comfy_queue: int | None = None
         self.checkpoints: list[str] | None = None  # what its ComfyUI offers (None: not read yet)
         self._checkpoints_read = float("-inf")
+        # Cold start (heartbeat's cold_start_seconds): this process's start → its ComfyUI first
+        # answered, plus the first model load. The process's own start, not started_at (set once
+        # Celery is up): booting the worker is part of bringing a GPU up.
+        self._process_started = psutil.Process().create_time()
+        self._ready_seconds: float | None = None
+        self._first_cold_job: tuple[str, float, float] | None = None  # workflow, cost, seconds
         self._active: dict[str, str | None] = {}  # task id → ComfyUI prompt id (None until submitted)
         self._cancelled: set[str] = set()  # cancels sent to ComfyUI for jobs still active here
         self._cancel_pending: set[str] = set()  # cancels asked before the prompt reached ComfyUI
@@ -124,6 +131,8 @@ class WorkerRuntime:
             cold = bool(checkpoint) and checkpoint != self.checkpoint
             if checkpoint:
                 self.checkpoint = checkpoint
+            if cold and self._first_cold_job is None and seconds > 0:
+                self._first_cold_job = (workflow, cost, seconds)  # its model load: the cold start's second part
             if cold or cost <= 0 or seconds <= 0:
                 return
             model = self._speed.setdefault(workflow, SpeedModel())
@@ -169,10 +178,28 @@ class WorkerRuntime:
         self._checkpoints_read = time.monotonic()
         self.checkpoints = checkpoint_names(nodes)
 
+    def _cold_start_seconds(self) -> float | None:
+        """Seconds this GPU took to come up: process start → ComfyUI answered, plus its first
+        model load; None until both are known (the fleet keeps its last value meanwhile). The
+        load is the first cold job's GPU time less what the warm speed model predicts for it;
+        until that workflow has a warm measurement, the whole cold job (an upper bound)."""
+        with self._lock:
+            if self._ready_seconds is None or self._first_cold_job is None:
+                return None
+            workflow, cost, seconds = self._first_cold_job
+            model = self._speed.get(workflow)
+            warm = 0.0
+            if model is not None and model.jobs:
+                rate = model.estimate()
+                warm = rate["seconds_per_prompt"] + cost * rate["seconds_per_unit"]
+            return round(self._ready_seconds + max(seconds - warm, 0.0), 3)
+
     def heartbeat(self) -> dict:
         try:
             self.comfy_queue = self.client.prompt_queue_remaining()
             comfy_ok = True
+            if self._ready_seconds is None:
+                self._ready_seconds = max(time.time() - self._process_started, 0.0)
             self._read_checkpoints()
         except ComfyError:
             comfy_ok = False
@@ -188,7 +215,7 @@ class WorkerRuntime:
             "running": running, "concurrency": self.settings.worker_concurrency, "draining": self.draining,
             "gpu": gpu.as_dict(), "host_stats": host_stats().as_dict(), "checkpoint": checkpoint,
             "checkpoints": self.checkpoints,
-            "rates": rates, "started_at": self.started_at,
+            "rates": rates, "started_at": self.started_at, "cold_start_seconds": self._cold_start_seconds(),
         }
 
     def publish_heartbeat(self) -> None:
