@@ -342,7 +342,7 @@ def bottlenecks(results: dict) -> list[str]:
     bl = figs.get("backlog")
     if bl and bl.get("met") is False and "backlog" in bl:
         full, empty = bl["backlog"]["redis_us_by_command"], bl["baseline"]["redis_us_by_command"]
-        out += ["", f"**Submit cost against the backlog.** Redis µs per submit by command, with the backlog vs without: "
+        out += ["", "**Submit cost against the backlog.** Redis µs per submit by command, with the backlog vs without: "
                 + ", ".join(f"`{k}` {v} vs {empty.get(k, 0)}" for k, v in full.items())
                 + f"; POST latency p50 {bl['backlog']['latency_ms']['p50']} vs {bl['baseline']['latency_ms']['p50']} ms."]
     for name in ("idle", "progress"):
