@@ -19,7 +19,7 @@ import time
 from bench.harness import API, StatusListener, rendered, short_job, stack, summary, wait_until
 from workers.comfy_client import ComfyClient
 
-GOAL_P95_MS = 50.0
+GOAL_RATIO = 1.5  # issue 16: API-visible cancel of a running job p95 ÷ the direct client's stop p95
 LONG = {"steps": 100, "scenes": 4}  # 4 s of 10 ms steps: only our cancel ends it
 
 
@@ -116,17 +116,20 @@ def run(quick: bool = False) -> dict:
     # The goal covers every stage, both ends: the simulator stopping it and the API showing it.
     judged = ["celery_api", "pending_sim", "pending_api", "running_sim", "running_api"]
     worst = max(judged, key=lambda k: stats[k]["p95"])
-    met = all(stats[k]["p95"] <= GOAL_P95_MS for k in judged)
+    ratio = round(stats["running_api"]["p95"] / base_stats["running_sim"]["p95"], 2) \
+        if base_stats["running_sim"]["p95"] else None
+    met = ratio is not None and ratio <= GOAL_RATIO
     return {
         "title": "Cancel latency",
         "line": (f"p95 running: sim stops {stats['running_sim']['p95']:.1f} / API {stats['running_api']['p95']:.1f} ms; "
                  f"pending in ComfyUI: sim {stats['pending_sim']['p95']:.1f} / API {stats['pending_api']['p95']:.1f} ms; "
                  f"in Celery: API {stats['celery_api']['p95']:.1f} ms (direct client floor: running "
                  f"{base_stats['running_sim']['p95']:.1f}, pending {base_stats['pending_sim']['p95']:.1f} ms); "
-                 f"goal p95 ≤ {GOAL_P95_MS:g} ms"),
+                 f"running, API-visible ÷ direct stop p95 {ratio}×; goal ≤ {GOAL_RATIO:g}×"),
         "value": {k: stats[k]["p95"] for k in judged},
         "worst": {"stage": worst, "p95_ms": stats[worst]["p95"]},
-        "goal": f"p95 ≤ {GOAL_P95_MS:g} ms at every stage",
+        "goal": f"a running job's API-visible cancel p95 ≤ {GOAL_RATIO:g} × the direct client's stop p95",
+        "ratio": ratio,
         "met": met,
         "baseline": {"name": "ComfyClient.cancel() on the simulator directly", "ms": base_stats,
                      "difference_p95_ms": {k: round(stats[k]["p95"] - base_stats[k]["p95"], 2) for k in base_stats}},

@@ -5,9 +5,9 @@ each websocket `progress` frame as it leaves the simulator (ComfyUI sends a prom
 progress only to the submitting client's socket, so it cannot be watched from outside).
 A poller reads GET /tasks/{id} every ~2 ms; the first answer showing sampler step k is when
 step k became visible (its receipt time: an upper bound, within one poll). Latency = that
-minus the tap's stamp of step k. PROGRESS_INTERVAL stays at its default 0.2 s, so about one
-step in seven is ever written; the figure is the delay of the steps that are, and the age of
-what a caller sees is reported beside it.
+minus the tap's stamp of step k. The stack runs PROGRESS_INTERVAL=0: every ComfyUI progress
+message is written (one Redis command each, the `commands` figure counts them); the goal is on
+the age of the step a caller sees (issue 16), the write latency is reported beside it.
 
 Baseline in the same run: the service's ComfyClient driving the simulator directly through
 the same tap, its event callback time minus the tap's stamp (the transport floor).
@@ -23,8 +23,9 @@ from bench.harness import rendered, short_job, stack, summary, wait_until
 from tests.support.procs import free_port
 from workers.comfy_client import ComfyClient, Progress
 
-GOAL_P95_MS = 50.0
+GOAL_P95_MS = 50.0  # the age of the progress a caller reads, p95 (issue 16)
 STEPS, STEP_SECONDS = 60, 0.03
+PROGRESS_INTERVAL = 0.0
 
 
 def _stamps(path) -> dict[tuple[str, int], float]:
@@ -50,7 +51,7 @@ def _watch(s, task_id: str) -> list[tuple[float, str, int]]:
 
 def run(quick: bool = False) -> dict:
     jobs = 1 if quick else 6
-    with stack("progress") as s:
+    with stack("progress", PROGRESS_INTERVAL=str(PROGRESS_INTERVAL)) as s:
         sim = s.sim(step=STEP_SECONDS)
         tap_port, out = free_port(), s.workdir / "tap.jsonl"
         s.spawn("tap", [sys.executable, "-m", "bench.tap", str(tap_port), str(sim.port), str(out)])
@@ -94,15 +95,16 @@ def run(quick: bool = False) -> dict:
         "title": "Progress freshness",
         "line": (f"progress event → visible p95 {s_sum['p95']:.1f} ms (p50 {s_sum['p50']:.1f}, {s_sum['n']} steps), "
                  f"{s_sum['p95'] - f_sum['p95']:+.1f} ms vs the client's own floor (p95 {f_sum['p95']:.2f} ms); "
-                 f"age of the shown step p95 {a_sum['p95']:.0f} ms at PROGRESS_INTERVAL=0.2; goal p95 ≤ {GOAL_P95_MS:g} ms"),
-        "value": {"p50_ms": s_sum["p50"], "p95_ms": s_sum["p95"]},
-        "goal": f"p95 ≤ {GOAL_P95_MS:g} ms",
-        "met": s_sum["p95"] <= GOAL_P95_MS,
+                 f"age of the shown step p95 {a_sum['p95']:.0f} ms at PROGRESS_INTERVAL={PROGRESS_INTERVAL:g}, steps of "
+                 f"{STEP_SECONDS * 1000:.0f} ms; goal: age p95 ≤ {GOAL_P95_MS:g} ms"),
+        "value": {"p50_ms": s_sum["p50"], "p95_ms": s_sum["p95"], "age_p95_ms": a_sum["p95"]},
+        "goal": f"age of the shown progress p95 ≤ {GOAL_P95_MS:g} ms (steps of {STEP_SECONDS * 1000:.0f} ms)",
+        "met": a_sum["p95"] <= GOAL_P95_MS,
         "baseline": {"name": "ComfyClient event callback through the same tap", "ms": f_sum,
                      "difference_p95_ms": round(s_sum["p95"] - f_sum["p95"], 2)},
         "service_ms": s_sum,
         "view_age_ms": a_sum,
-        "setup": {"jobs": jobs, "steps": STEPS, "step_seconds": STEP_SECONDS, "progress_interval": 0.2,
+        "setup": {"jobs": jobs, "steps": STEPS, "step_seconds": STEP_SECONDS, "progress_interval": PROGRESS_INTERVAL,
                   "poll": "GET /tasks/{id} every ~2 ms"},
         "series": {"latency_ms": [round(x * 1000, 3) for x in latency], "timeline": timeline},
     }

@@ -21,6 +21,8 @@ from bench.harness import cpu_seconds, short_job, stack, summary, wait_until
 from common.dispatch import JobSpec, choose
 from common.registry import Registry
 
+GOAL_GROWTH = 1.5  # issue 16: time to choose a GPU at 32 GPUs ≤ 1.5 × at 8
+
 
 def _commandstats(r) -> dict[str, int]:
     """Calls per command, less INFO (the benchmark's own reading)."""
@@ -136,12 +138,13 @@ def run(quick: bool = False) -> dict:
                  f"{bare_rss / mib:.0f}); Redis commands per job "
                  + " → ".join(f"{g['redis_commands_per_job']:.0f}" for g in growth)
                  + "; dispatch " + " → ".join(f"{g['total_us']['p50']:.0f}" for g in growth)
-                 + f" µs (×{growth_ratio} from the smallest) at {' → '.join(str(g['gpus']) for g in growth)} GPUs; no goal set"),
+                 + f" µs (×{growth_ratio} from the smallest) at {' → '.join(str(g['gpus']) for g in growth)} GPUs; "
+                 f"goal: choosing a GPU at {last['gpus']} ≤ {GOAL_GROWTH:g} × at {first['gpus']}"),
         "value": {"worker_rss_mib": round(worker_rss, 1), "worker_uss_mib": round(worker_uss, 1),
                   "redis_commands_per_job": commands, "dispatch_us_p50": {g["gpus"]: g["total_us"]["p50"] for g in growth},
                   "dispatch_growth_ratio": growth_ratio},
-        "goal": None,
-        "met": None,
+        "goal": f"dispatch time at {last['gpus']} GPUs ≤ {GOAL_GROWTH:g} × at {first['gpus']}",
+        "met": growth_ratio <= GOAL_GROWTH,
         "baseline": {"name": "bare interpreter RSS; the idle fleet's commands; dispatch at the smallest size",
                      "bare_python_rss_mib": round(bare_rss / mib, 1),
                      "idle_commands_per_second": last["idle_commands_per_second"],
