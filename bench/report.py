@@ -199,7 +199,7 @@ def progress(f: dict, docs: Path) -> list[str]:
     img = _save(fig, docs, "perf-progress.png")
     st = f["setup"]
     return [f"{st['jobs']} jobs of {st['steps']} steps × {st['step_seconds'] * 1000:g} ms, PROGRESS_INTERVAL "
-            f"{st['progress_interval']} s (default), {st['poll']}. Milliseconds:", "",
+            f"{st['progress_interval']} s, {st['poll']}. Milliseconds:", "",
             "| | p50 | p95 | p99 | max |", "|---|---|---|---|---|",
             f"| event → visible in the API | {_ms(f['service_ms'])} |",
             f"| event → ComfyClient callback (floor) | {_ms(f['baseline']['ms'])} |",
