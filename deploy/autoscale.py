@@ -126,7 +126,10 @@ class Autoscaler:
             self.retiring[queue] = span
             self.say(f"scale down: retiring {queue} (desired {decision.desired} of {decision.current}: "
                      f"{decision.reason})")
-        for _ in range(decision.desired - decision.current - len(pending)):
+        # A retiring GPU still runs (and is paid for) until its worker exits: never more than the
+        # maximum up at once.
+        room = self.settings.scale_max_gpus - len(self.up) - len(self.retiring)
+        for _ in range(min(decision.desired - decision.current - len(pending), room)):
             self._start(f"desired {decision.desired}, {decision.current} up, {len(pending)} starting: "
                         f"{decision.reason}")
         return decision

@@ -886,7 +886,7 @@ def test_readme_points_to_the_deployment_guide():
     assert "## Deployment" in readme and "docs/deploy.md" in readme.split("## Deployment", 1)[1].split("\n## ", 1)[0]
     guide = (REPO / "docs" / "deploy.md").read_text()
     for topic in ("--profile sim", "--profile gpu", "STORAGE_BACKEND=s3", "rediss://", "RESULT_TTL", "SIGTERM",
-                  "bytes per queued job", "install.sh"):
+                  "Redis memory per job", "install.sh"):
         assert topic in guide, topic
 
 
