@@ -240,7 +240,7 @@ class Chaos:
             store = self.group
         else:
             store = RedisServer(port=free_port(), workdir=wd, durable=True)
-        env = {**FAST_ENV, **({"REDIS_MIN_REPLICAS": "1"} if plan.sentinel else {}), **plan.env}
+        env = self.env = {**FAST_ENV, **({"REDIS_MIN_REPLICAS": "1"} if plan.sentinel else {}), **plan.env}
         fleet = Fleet(workdir=wd, redis=store, extra_env=env)
         self.fleet = fleet
         fleet.redis.start()
@@ -550,7 +550,8 @@ class Chaos:
             "plan": {"jobs": plan.jobs, "gpus": plan.gpus, "rate_per_s": plan.rate, "step_seconds": plan.step_seconds,
                      "faults": plan.faults, "fault_every_s": plan.fault_every, "redis_down_s": plan.redis_down,
                      "deadline_s": plan.deadline, "api_processes": plan.api_processes,
-                     "settings": {k: v for k, v in {**FAST_ENV, **plan.env}.items() if not k.startswith(("RATE", "MAX_ACTIVE"))}},
+                     "settings": {k: v for k, v in self.env.items() if not k.startswith(("RATE", "MAX_ACTIVE"))},
+                     "redis": "a master and its replica under three Sentinels" if plan.sentinel else "one Redis, AOF always"},
             "faults": self.events,
             "submitted_in_s": round(submitted_at, 1), "last_fault_s": round(last_fault, 1),
             "run_time_allowance_s": round(allowance, 1), "deadline_s": round(deadline, 1),
