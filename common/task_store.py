@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterable
 
@@ -265,11 +265,6 @@ class CancelResult:
     outcome: str
     state: State | None = None
     last_event: str | None = None
-
-
-@dataclass
-class _Call:
-    keys: list[str] = field(default_factory=list)
 
 
 # What a Redis outage looks like to a client: the server is gone, restarting, or loading its AOF;
