@@ -28,6 +28,7 @@ DEFAULT_WORKFLOW = "storydiffusion"
 PIN_FIELDS = ("gpu", "host")
 PIN_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 CANCEL_WAIT_SECONDS = 3.0
+KNOWN_FLEET_MAX_AGE = 2.0  # seconds a process reuses its reading of the GPUs the fleet has had
 # Idempotency-Key: 1-255 printable ASCII characters, remembered per owner for 24 hours.
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_PATTERN = re.compile(r"^[\x20-\x7e]{1,255}$")
@@ -370,8 +371,12 @@ def _needs(job: JobSpec) -> str:
 def _check_checkpoint_known(checkpoint: str) -> dict:
     """A checkpoint no GPU of the fleet has ever offered never reaches ComfyUI: 422 listing the
     ones that were. Returns the fleet's known GPUs (their labels) for the caller to reuse."""
-    known = services().registry.known()
+    registry = services().registry
+    known = registry.known(max_age=KNOWN_FLEET_MAX_AGE)  # not a round trip on every submit
     offered = known_checkpoints(known)
+    if offered and checkpoint not in offered:  # a GPU may have joined since: read again first
+        known = registry.known()
+        offered = known_checkpoints(known)
     if offered and checkpoint not in offered:
         raise ServiceError(422, "unknown_checkpoint",
                            f"checkpoint: no GPU of this fleet has ever offered {checkpoint[:200]!r}",

@@ -30,6 +30,8 @@ class Registry:
     def __init__(self, client: redis.Redis, ttl: float):
         self.redis = client
         self.ttl = ttl
+        self._known: dict[str, dict] | None = None
+        self._known_at = float("-inf")
 
     def publish(self, beat: dict) -> None:
         now = time.time()
@@ -77,9 +79,15 @@ class Registry:
         """Every GPU queue that ever sent a heartbeat and was not forgotten (alive or not)."""
         return [_text(q) for q in self.redis.zrange(WORKERS, 0, -1)]
 
-    def known(self) -> dict[str, dict]:
-        """Every GPU queue the fleet has ever had → its last heartbeat's labels."""
-        return {_text(q): json.loads(v) for q, v in self.redis.hgetall(keys.KNOWN_WORKERS).items()}
+    def known(self, max_age: float = 0.0) -> dict[str, dict]:
+        """Every GPU queue the fleet has ever had → its last heartbeat's labels. `max_age`: this
+        process's last reading may serve if it is younger (the caller reads again before it
+        refuses anything on its strength). Not to be mutated."""
+        now = time.monotonic()
+        if self._known is None or now - self._known_at >= max_age:
+            self._known = {_text(q): json.loads(v) for q, v in self.redis.hgetall(keys.KNOWN_WORKERS).items()}
+            self._known_at = now
+        return self._known
 
     def forget(self, queue: str) -> None:
         self.redis.zrem(WORKERS, queue)
