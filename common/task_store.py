@@ -490,7 +490,7 @@ class TaskStore:
         if done.before == State.WAITING:  # it moved to another queue meanwhile: ask again there
             current = self.get(task_id)
             return self.cancel(task_id, current) if current else CancelResult("missing")
-        flagged = self.apply("request_cancel", task_id, queue=record["queue"] if done.before else queue,
+        flagged = self.apply("request_cancel", task_id, queue=queue,
                              owner=owner, fields={"cancel_requested": True})
         if not flagged.applied:
             current = self.get(task_id)

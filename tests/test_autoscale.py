@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import requests
 
 from common import keys
 from tests.support.api import story, submit, wait_status
-from tests.support.procs import RedisServer, free_port, wait_until
+from tests.support.procs import RedisServer, free_port, interrupt, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 BURST = 24
@@ -131,18 +130,12 @@ def test_autoscaled_make_run_grows_from_zero_under_a_burst_and_drains_back_to_ze
         assert {t: [r["outcome"] for r in runs[t]] for t in tasks} == {t: ["success"] for t in tasks}
         assert {r["prompt_id"] for r in records} == {runs[t][0]["prompt_id"] for t in tasks}
     finally:
-        children = psutil.Process(stack.pid).children(recursive=True) if stack.poll() is None else []
-        stack.send_signal(signal.SIGINT)  # Ctrl-C
         try:
-            code = stack.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(stack.pid, signal.SIGKILL)
-            raise
+            code, alive = interrupt(stack)  # Ctrl-C
         finally:
             out.close()
             redis_server.stop()
     assert code == 0, log()
-    _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running after Ctrl-C: {[p.pid for p in alive]}"
 
 

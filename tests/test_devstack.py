@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests.support.api import LENA
-from tests.support.procs import free_port, wait_until
+from tests.support.procs import free_port, interrupt, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,15 +94,10 @@ def test_make_run_restarts_a_killed_worker_and_its_job_finishes_elsewhere(tmp_pa
                    _workers(psutil.Process(stack.pid))[gpu].pid != victim.pid, 15, what="the worker restarted")
         wait_until(two_workers, 30, interval=0.5, what="both workers alive again")
     finally:
-        children = psutil.Process(stack.pid).children(recursive=True) if stack.poll() is None else []
-        stack.send_signal(signal.SIGINT)  # Ctrl-C
         try:
-            code = stack.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(stack.pid, signal.SIGKILL)
-            raise
-        out.close()
+            code, alive = interrupt(stack)  # Ctrl-C
+        finally:
+            out.close()
     assert code == 0, log()
     assert "stopped" in log()
-    _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running after Ctrl-C: {[p.pid for p in alive]}"

@@ -171,3 +171,19 @@ class RedisServer:
 
 def new_workdir(prefix: str = "comfy-test-") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def interrupt(stack: subprocess.Popen, timeout: float = 30.0) -> tuple[int, list]:
+    """Ctrl-C to a running `make run` (deploy/devstack.py): (its exit code, the processes it had
+    started that are still alive 10 s later). A stack that does not stop is killed, and raises."""
+    import psutil
+
+    children = psutil.Process(stack.pid).children(recursive=True) if stack.poll() is None else []
+    stack.send_signal(signal.SIGINT)
+    try:
+        code = stack.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(stack.pid, signal.SIGKILL)
+        raise
+    _, alive = psutil.wait_procs(children, timeout=10)
+    return code, alive
