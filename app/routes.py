@@ -174,9 +174,10 @@ def generate():
     svc = services()
     owner = current_caller().name
     body = _json_body()
-    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     idem_key = _idempotency_key(owner)
-    if idem_key:
+    fingerprint = None
+    if idem_key:  # the body's digest tells a replay from another request with the same key
+        fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
         stored = svc.redis.get(idem_key)
         replay = _replay(stored, fingerprint) if stored else None
         if replay is not None:
