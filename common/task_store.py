@@ -132,40 +132,44 @@ end
 return {1, state, redis.call('HGET', KEYS[1], 'callback') or '', event, cancel, record, payload}
 """
 
-# Creating a job (the `submit` transition), atomically with its admission checks.
-# KEYS: [1] task, [2] payload, [3] events, [4] waiting, [5] load (the job's queue), [6] active,
-# [7] active (owner), [8] metric counters, [9] (optional) the caller's idempotency key.
+# Creating a job (the `submit` transition), atomically with its admission checks and its Celery
+# message (common/producer.message), so a job is never queued without its message.
+# KEYS: [1] task, [2] payload, [3] events, [4] waiting, [5] load, [6] handed, [7] running (the
+# job's queue), [8] active, [9] active (owner), [10] metric counters, [11] the queue's Celery
+# list, [12] (optional) the caller's idempotency key.
 # ARGV: [1] record TTL s, [2] payload JSON, [3] enqueue time ms, [4] cost in thousandths,
 # [5] task id, [6] cap overall (0 = none), [7] cap per owner (0 = none), [8] idempotency value,
-# [9] idempotency TTL s, [10] event data JSON, [11] MAXLEN, [12] counter field, then the
-# record's field/value pairs.
-# Returns {1} created, {2, value} the idempotency key names a task already (nothing created),
-# {3, scope, active, cap} a cap is reached (nothing created).
+# [9] idempotency TTL s, [10] event data JSON, [11] MAXLEN, [12] counter field, [13] the Celery
+# message ('' = the caller sends it), then the record's field/value pairs.
+# Returns {1, jobs ahead of it (running ones included)} created, {2, value} the idempotency key
+# names a task already (nothing created), {3, scope, active, cap} a cap is reached (nothing created).
 _CREATE = """
-if #KEYS >= 9 then
-  local existing = redis.call('GET', KEYS[9])
+if #KEYS >= 12 then
+  local existing = redis.call('GET', KEYS[12])
   if existing then return {2, existing} end
 end
 local owner_cap, total_cap = tonumber(ARGV[7]), tonumber(ARGV[6])
-if owner_cap > 0 and redis.call('SCARD', KEYS[7]) >= owner_cap then
-  return {3, 'key', redis.call('SCARD', KEYS[7]), owner_cap}
+if owner_cap > 0 and redis.call('SCARD', KEYS[9]) >= owner_cap then
+  return {3, 'key', redis.call('SCARD', KEYS[9]), owner_cap}
 end
-if total_cap > 0 and redis.call('SCARD', KEYS[6]) >= total_cap then
-  return {3, 'service', redis.call('SCARD', KEYS[6]), total_cap}
+if total_cap > 0 and redis.call('SCARD', KEYS[8]) >= total_cap then
+  return {3, 'service', redis.call('SCARD', KEYS[8]), total_cap}
 end
 local ttl = tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 13))
+redis.call('HSET', KEYS[1], unpack(ARGV, 14))
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
 redis.call('INCRBY', KEYS[5], ARGV[4])
-redis.call('SADD', KEYS[6], ARGV[5])
-redis.call('SADD', KEYS[7], ARGV[5])
-redis.call('HINCRBY', KEYS[8], ARGV[12], 1)
-if #KEYS >= 9 then redis.call('SET', KEYS[9], ARGV[8], 'EX', tonumber(ARGV[9])) end
+redis.call('SADD', KEYS[8], ARGV[5])
+redis.call('SADD', KEYS[9], ARGV[5])
+redis.call('HINCRBY', KEYS[10], ARGV[12], 1)
+if #KEYS >= 12 then redis.call('SET', KEYS[12], ARGV[8], 'EX', tonumber(ARGV[9])) end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', tonumber(ARGV[11]), '*', 'type', 'queued', 'data', ARGV[10])
 redis.call('EXPIRE', KEYS[3], ttl)
-return {1}
+if ARGV[13] ~= '' then redis.call('LPUSH', KEYS[11], ARGV[13]) end
+local ahead = redis.call('SCARD', KEYS[7]) + redis.call('ZCARD', KEYS[6]) + redis.call('ZRANK', KEYS[4], ARGV[5])
+return {1, ahead}
 """
 
 # Where a job stands in its GPU's line. KEYS: [1] waiting, [2] handed, [3] running of its queue.
@@ -255,7 +259,7 @@ class Outcome:
 @dataclass
 class Created:
     outcome: str  # created | replay | full
-    info: object = None
+    info: object = None  # created: jobs ahead of it; replay: the key's value; full: the cap
 
 
 @dataclass
@@ -343,27 +347,30 @@ class TaskStore:
 
     # Creating -----------------------------------------------------------------------------------
     def create(self, record: dict, payload: dict, *, max_active: int = 0, max_active_per_owner: int = 0,
-               idempotency: tuple[str, str, int] | None = None) -> Created:
+               idempotency: tuple[str, str, int] | None = None, message: str = "") -> Created:
         """The `submit` transition: store a new waiting job, its graphs, its place in its queue
-        and in the active sets of its owner (`record["owner"]`) and of the service.
+        and in the active sets of its owner (`record["owner"]`) and of the service, and push its
+        Celery `message` (common/producer.message) when one is given.
 
         One script checks and creates, so nothing is created when
         - `idempotency` = (key, value, ttl) is given and that key exists: ("replay", its value);
         - a cap (0 = none) is reached: ("full", {"scope": "key"|"service", "active", "limit"}).
-        Otherwise ("created", None); with `idempotency` the key is set to value for ttl seconds.
+        Otherwise ("created", jobs ahead of it on its GPU); with `idempotency` the key is set to
+        value for ttl seconds.
         """
         task_id, queue = record["task_id"], record["queue"]
         owner = record.setdefault("owner", "anonymous")
         record = {**record, "state": str(State.WAITING), "status": QUEUED}
         call_keys = [keys.task(task_id), keys.payload(task_id), keys.events(task_id), keys.waiting(queue),
-                     keys.load(queue), keys.active(), keys.active(owner), keys.METRIC_COUNTERS]
+                     keys.load(queue), keys.handed(queue), keys.running(queue), keys.active(), keys.active(owner),
+                     keys.METRIC_COUNTERS, keys.celery_queue(queue)]
         idem_value, idem_ttl = "", 0
         if idempotency is not None:
             idem_key, idem_value, idem_ttl = idempotency
             call_keys.append(idem_key)
         args = [self.ttl, pack_payload(payload), int(time.time() * 1000), cost_units(record.get("cost")), task_id,
                 int(max_active), int(max_active_per_owner), idem_value, int(idem_ttl), _json({"queue": queue}),
-                MAX_EVENTS, metrics.submitted_field(record["workflow"]), *_encode(record)]
+                MAX_EVENTS, metrics.submitted_field(record["workflow"]), message, *_encode(record)]
         for attempt in range(2):
             result = self._create(keys=call_keys, args=args)
             outcome = int(result[0])
@@ -376,7 +383,7 @@ class TaskStore:
                 if attempt == 0 and self._prune(keys.active(owner) if info["scope"] == "key" else keys.active()):
                     continue
                 return Created("full", info)
-            return Created("created")
+            return Created("created", int(result[1]))
         return Created("full", info)
 
     def _prune(self, set_key: str) -> int:
