@@ -373,7 +373,14 @@ def bottlenecks(results: dict) -> list[str]:
         out += ["", "**Submit cost against the backlog.** Redis µs per submit by command, with the backlog vs without: "
                 + ", ".join(f"`{k}` {v} vs {empty.get(k, 0)}" for k, v in full.items())
                 + f"; POST latency p50 {bl['backlog']['latency_ms']['p50']} vs {bl['baseline']['latency_ms']['p50']} ms."]
-    for name in ("idle", "progress", "overhead_real", "idle_real"):
+    o = figs.get("overhead_real")
+    if o and o.get("met") is False and "phases_ms" in o:
+        ph, fl = o["phases_ms"], o["floor_phases_ms"]
+        out += ["", f"**{o['title']}** ({o['comfyui']['url']}). Beyond the floor at the median: POST /generate "
+                f"+{ph['POST /generate']['p50'] - fl['submit']['p50']:.1f} ms, 202 → ComfyUI's queue "
+                f"+{ph['to ComfyUI queue']['p50']:.1f} ms, ComfyUI's end → visible "
+                f"+{ph['end → visible']['p50'] - fl['end → outputs']['p50']:.1f} ms (the phases are in its section)."]
+    for name in ("idle", "progress", "idle_real"):
         f = figs.get(name)
         if f and f.get("met") is False:
             out += ["", f"**{f['title']}.** Missed: {f['line']}"]
