@@ -9,7 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-ORDER = [("overhead", 1), ("idle", 2), ("dispatch", 3), ("cancel", 4), ("throughput", 5), ("progress", 6),
+# The *_real figures (`--comfyui-url`) sit beside their simulator twins.
+ORDER = [("overhead", 1), ("overhead_real", "1b"), ("idle", 2), ("idle_real", "2b"), ("dispatch", 3), ("cancel", 4), ("throughput", 5), ("progress", 6),
          ("scale", 7), ("commands", 8), ("memory", 9), ("backlog", 10), ("autoscale", 11)]
 STAGES = {"celery_api": "in Celery → API shows cancelled", "pending_sim": "pending in ComfyUI → deleted there",
           "pending_api": "pending in ComfyUI → API shows cancelled", "running_interrupt": "running → interrupt reaches ComfyUI",
@@ -82,6 +83,33 @@ def idle(f: dict, docs: Path) -> list[str]:
             "| | p50 | p95 | p99 | max |", "|---|---|---|---|---|",
             f"| through the service | {_ms(f['service_ms'])} |", f"| simulator's own queue | {_ms(f['baseline']['ms'])} |",
             "", img]
+
+
+def _on_server(f: dict) -> str:
+    c = f["comfyui"]
+    return (f"Run on a real ComfyUI {c['comfyui_version']} at {c['url']} (torch {c['pytorch']}, Python {c['python']}, "
+            f"device {c['device']}, as its /system_stats says), service and baseline on that same server in the "
+            f"same run. Workflow: {f['setup']['workflow']}; ComfyUI's execution p50 {f['execution_ms']['p50']:.0f} ms. "
+            f"Timing: {f['setup']['timing']}.")
+
+
+def overhead_real(f: dict, docs: Path) -> list[str]:
+    rows = ["| | p50 | p95 | p99 | max |", "|---|---|---|---|---|",
+            f"| service: accept → result visible, less execution | {_ms(f['service_ms'])} |",
+            f"| floor: ComfyClient submit → outputs, less execution | {_ms(f['baseline']['ms'])} |",
+            f"| **difference** | {f['value']['p50_ms']:.2f} | {f['value']['p95_ms']:.2f} | {f['value']['p99_ms']:.2f} | |"]
+    rows += [f"| service phase: {k} | {_ms(v)} |" for k, v in f["phases_ms"].items()]
+    rows += [f"| floor phase: {k} | {_ms(v)} |" for k, v in f["floor_phases_ms"].items()]
+    return [_on_server(f), "", f"{f['setup']['jobs']} jobs ({f['setup']['poll']}), alternating with the floor. "
+            "Milliseconds (phases that start or end at a ComfyUI timestamp are whole milliseconds):", "", *rows]
+
+
+def idle_real(f: dict, docs: Path) -> list[str]:
+    return [_on_server(f), "", f"{f['setup']['jobs']} jobs submitted by {f['setup']['submit']}, {f['setup']['worker']}. "
+            "The gap is ComfyUI's end of one prompt → its start of the next as its own history stamps them, so "
+            "ComfyUI's own hand-over (history write, next queue item) is in both rows. Milliseconds:", "",
+            "| | p50 | p95 | p99 | max |", "|---|---|---|---|---|",
+            f"| through the service | {_ms(f['service_ms'])} |", f"| ComfyUI's own queue | {_ms(f['baseline']['ms'])} |"]
 
 
 def dispatch(f: dict, docs: Path) -> list[str]:
@@ -348,7 +376,14 @@ def bottlenecks(results: dict) -> list[str]:
         out += ["", "**Submit cost against the backlog.** Redis µs per submit by command, with the backlog vs without: "
                 + ", ".join(f"`{k}` {v} vs {empty.get(k, 0)}" for k, v in full.items())
                 + f"; POST latency p50 {bl['backlog']['latency_ms']['p50']} vs {bl['baseline']['latency_ms']['p50']} ms."]
-    for name in ("idle", "progress"):
+    o = figs.get("overhead_real")
+    if o and o.get("met") is False and "phases_ms" in o:
+        ph, fl = o["phases_ms"], o["floor_phases_ms"]
+        out += ["", f"**{o['title']}** ({o['comfyui']['url']}). Beyond the floor at the median: POST /generate "
+                f"+{ph['POST /generate']['p50'] - fl['submit']['p50']:.1f} ms, 202 → ComfyUI's queue "
+                f"+{ph['to ComfyUI queue']['p50']:.1f} ms, ComfyUI's end → visible "
+                f"+{ph['end → visible']['p50'] - fl['end → outputs']['p50']:.1f} ms (the phases are in its section)."]
+    for name in ("idle", "progress", "idle_real"):
         f = figs.get(name)
         if f and f.get("met") is False:
             out += ["", f"**{f['title']}.** Missed: {f['line']}"]
@@ -440,6 +475,7 @@ def autoscale(f: dict, docs: Path) -> list[str]:
 
 
 SECTIONS = {"autoscale": autoscale, "commands": commands, "memory": memory, "overhead": overhead, "idle": idle,
+            "overhead_real": overhead_real, "idle_real": idle_real,
             "dispatch": dispatch, "cancel": cancel, "throughput": throughput, "progress": progress, "scale": scale,
             "backlog": backlog}
 
