@@ -269,8 +269,10 @@ def scale(f: dict, docs: Path) -> list[str]:
             f"Redis commands per job at {gpus[-1]} GPUs: **{f['value']['redis_commands_per_job']}** beyond the idle fleet's "
             f"{base['idle_commands_per_second']} commands/s ({base['idle_commands_per_second_per_gpu']} per GPU); the most "
             f"frequent: {per_job}. Commands run inside Lua scripts (`evalsha`: the task store's transitions) count too. "
-            "The registry read (`common/registry.py`) is one `ZRANGEBYSCORE`, then per live GPU `GET` (heartbeat), "
-            "`ZCARD` ×2, `SCARD` and `GET` (the queue's running cost total), pipelined. The idle fleet used "
+            "The registry read (`common/registry.py`) is two commands whatever the fleet's size, pipelined: `HGETALL` "
+            "of the heartbeat times and of the queues' counters (jobs waiting, handed, running, and their cost total, "
+            "kept by the transitions), then one `HMGET` of the heartbeats newer than the reader's last reading, if any. "
+            "The idle fleet used "
             + ", ".join(f"{k} {v}" for k, v in f["idle_cpu_cores"].items()) + " cores."]
 
 

@@ -1,8 +1,9 @@
 """Figure 7: scale, 8 → 16 → 32 simulated GPUs with their workers on this one machine.
 
 - Dispatch time per job as the fleet grows: what POST /generate does to pick a GPU, timed
-  in-process against the live registry (Registry.alive(): the live queues, then one pipeline
-  of each GPU's heartbeat and backlog counters; plus common.dispatch.choose()), and the whole POST /generate as a caller sees it.
+  in-process against the live registry (Registry.alive(): every GPU's heartbeat time and the
+  queues' backlog counters in one pipeline, then the heartbeats that changed since its last
+  reading; plus common.dispatch.choose()), and the whole POST /generate as a caller sees it.
   Baseline: the same at the smallest size.
 - Resident memory per worker (psutil RSS and USS) at the largest size, after jobs ran.
   Baseline: a bare Python interpreter started in the same run.

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 DEFAULT_SECONDS_PER_UNIT = 1.0
 # What loading a checkpoint the GPU does not hold costs, when the GPU has not measured it.
 DEFAULT_CHECKPOINT_LOAD_SECONDS = 15.0
+TIE_SECONDS = 1e-6  # expected finishes this close are a tie: memory headroom, then utilisation decide
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ def matches(worker: dict, job: JobSpec) -> bool:
 
 
 def eligible(worker: dict, job: JobSpec) -> bool:
-    return healthy(worker) and worker["queue"] not in job.exclude and matches(worker, job)
+    # healthy() inlined: this runs once per GPU per submission.
+    return bool(worker.get("comfyui_ok")) and not worker.get("draining", False) \
+        and worker["queue"] not in job.exclude and matches(worker, job)
 
 
 def known_checkpoints(known: dict[str, dict]) -> set[str]:
@@ -68,12 +71,6 @@ def waiting_queue(known: dict[str, dict], job: JobSpec) -> str | None:
 def measured_rate(worker: dict, workflow: str) -> float | None:
     rate = (worker.get("rates") or {}).get(workflow)
     return float(rate["seconds_per_unit"]) if rate and rate.get("seconds_per_unit") else None
-
-
-def measured_fixed(worker: dict, workflow: str) -> float:
-    """The GPU's fixed seconds per prompt (decode, saving, hand-over), learned beside its rate."""
-    rate = (worker.get("rates") or {}).get(workflow)
-    return float(rate.get("seconds_per_prompt") or 0.0) if rate else 0.0
 
 
 def fleet_rate(workers: list[dict], workflow: str) -> float:
@@ -99,12 +96,20 @@ def fleet_seconds_per_unit(workers: list[dict]) -> float | None:
     return statistics.median(known) if known else None
 
 
-def expected_finish(worker: dict, job: JobSpec, default_rate: float) -> float:
+def expected_finish(worker: dict, job: JobSpec, default_rate: float | None) -> float | None:
     """Seconds until this job would be done there: every job on the GPU and this one, each its
-    fixed time per prompt plus its cost at the GPU's rate, plus a checkpoint load if needed."""
-    rate = measured_rate(worker, job.workflow) or default_rate
-    prompts = int(worker.get("jobs", 0)) + 1
-    seconds = (float(worker.get("load", 0.0)) + job.cost) * rate + prompts * measured_fixed(worker, job.workflow)
+    fixed time per prompt plus its cost at the GPU's rate, plus a checkpoint load if needed.
+    A GPU that has not measured this workflow runs at `default_rate` (None: returns None).
+    The GPU's fixed seconds per prompt (decode, saving, hand-over) is learned beside its rate.
+    (Runs once per GPU per submission: reads the measured rate in one lookup.)"""
+    measured = (worker.get("rates") or {}).get(job.workflow)
+    rate = float(measured.get("seconds_per_unit") or 0) if measured else 0.0
+    fixed = float(measured.get("seconds_per_prompt") or 0) if measured else 0.0
+    if not rate:
+        if default_rate is None:
+            return None
+        rate = default_rate
+    seconds = (float(worker.get("load", 0.0)) + job.cost) * rate + (int(worker.get("jobs", 0)) + 1) * fixed
     if job.checkpoint and worker.get("checkpoint") != job.checkpoint:
         seconds += float(worker.get("checkpoint_load_seconds") or DEFAULT_CHECKPOINT_LOAD_SECONDS)
     return seconds
@@ -116,10 +121,10 @@ def memory_headroom(worker: dict) -> float:
     return free / total if total and free is not None else 0.0
 
 
-def score(worker: dict, job: JobSpec, default_rate: float) -> tuple:
+def tie_break(worker: dict) -> tuple:
+    """How `choose` ranks GPUs whose expected finishes tie (within TIE_SECONDS)."""
     utilisation = (worker.get("gpu") or {}).get("utilization") or 0.0
-    return (round(expected_finish(worker, job, default_rate), 6), -round(memory_headroom(worker), 3),
-            utilisation, worker["queue"])
+    return (-round(memory_headroom(worker), 3), utilisation, worker["queue"])
 
 
 POLICIES = ("expected_finish", "round_robin", "gpu_cpu_load")
@@ -127,22 +132,43 @@ POLICIES = ("expected_finish", "round_robin", "gpu_cpu_load")
 
 def choose(workers: list[dict], job: JobSpec, policy: str = "expected_finish", turn: int = 0,
            rng: random.Random | None = None) -> str | None:
-    """The queue of the best GPU for `job`, or None when no healthy GPU fits it. O(GPUs).
+    """The queue of the best GPU for `job`, or None when no healthy GPU fits it. O(GPUs), one
+    pass: `tie_break` runs only for GPUs whose expected finishes tie.
 
     `expected_finish` (the service's): earliest expected finish. The two others exist to be
     measured against it (bench/dispatch.py runs each for real): `round_robin` takes the
     `turn`-th eligible GPU in queue order; `gpu_cpu_load` the lowest 0.7·GPU utilisation +
     0.3·host CPU from the heartbeats, ties at random."""
+    if policy not in ("round_robin", "gpu_cpu_load"):
+        return _earliest_finish(workers, job)
     candidates = sorted((w for w in workers if eligible(w, job)), key=lambda w: w["queue"])
     if not candidates:
         return None
     if policy == "round_robin":
         return candidates[turn % len(candidates)]["queue"]
-    if policy == "gpu_cpu_load":
-        def load(w: dict) -> float:
-            return 0.7 * float((w.get("gpu") or {}).get("utilization") or 0) + \
-                0.3 * float((w.get("host_stats") or {}).get("cpu_percent") or 0)
-        lowest = min(load(w) for w in candidates)
-        return (rng or random).choice([w for w in candidates if load(w) == lowest])["queue"]
-    default_rate = fleet_rate(workers, job.workflow)
-    return min(candidates, key=lambda w: score(w, job, default_rate))["queue"]
+
+    def load(w: dict) -> float:
+        return 0.7 * float((w.get("gpu") or {}).get("utilization") or 0) + \
+            0.3 * float((w.get("host_stats") or {}).get("cpu_percent") or 0)
+    lowest = min(load(w) for w in candidates)
+    return (rng or random).choice([w for w in candidates if load(w) == lowest])["queue"]
+
+
+def _earliest_finish(workers: list[dict], job: JobSpec) -> str | None:
+    default_rate = None  # the fleet's median: read once, and only if a GPU has not measured this workflow
+    best, tied = float("inf"), []
+    for worker in workers:
+        if not eligible(worker, job):
+            continue
+        finish = expected_finish(worker, job, default_rate)
+        if finish is None:
+            default_rate = fleet_rate(workers, job.workflow)
+            finish = expected_finish(worker, job, default_rate)
+        if finish < best - TIE_SECONDS:
+            best, tied = finish, [worker]
+        elif finish <= best + TIE_SECONDS:
+            best = min(best, finish)
+            tied.append(worker)
+    if len(tied) > 1:
+        return min(tied, key=tie_break)["queue"]
+    return tied[0]["queue"] if tied else None

@@ -4,8 +4,8 @@ One call, `assess`, serves the API (`GET /api/v1/fleet`, the `comfy_fleet_*` gau
 autoscaler in the same process tree (`make run AUTOSCALE=true`): every replica and every
 reader computes the same answer from the same Redis, with no state of its own.
 
-Each live GPU's remaining work is its queue's backlog in cost units (kept by the task store,
-returned by the registry as `load`) times its measured seconds per unit, or the fleet's median
+Each live GPU's remaining work is its queue's backlog in cost units (kept by the task store in
+`keys.QUEUE_COUNTS`, returned by the registry as `load`) times its measured seconds per unit, or the fleet's median
 when it has no history. Work on the queue of a GPU that is down (known, no live heartbeat) is
 stranded: it counts at the fleet's median speed. With WAIT_FOR_GPUS a job that no live GPU can
 take waits on such a queue: that is how the decision sees demand on a fleet scaled to zero. How long a GPU has been idle is kept in Redis
@@ -80,8 +80,7 @@ def assess(client: redis.Redis, registry: Registry, settings: Settings, workers:
     cold = settings.scale_cold_start if cold is None else cold
 
     pipe = client.pipeline(transaction=False)
-    for queue in down:
-        pipe.get(keys.load(queue))
+    pipe.hmget(keys.QUEUE_COUNTS, down or [""])  # HMGET needs a field: none down, one no queue has
     gpus = []
     for beat in workers:
         queue = beat["queue"]
@@ -113,7 +112,7 @@ def assess(client: redis.Redis, registry: Registry, settings: Settings, workers:
     if news:
         pipe.hset(keys.FLEET_LEARNED, mapping=news)
     replies = pipe.execute()
-    stranded = sum(max(int(r or 0), 0) for r in replies[:len(down)]) / 1000 * rate
+    stranded = sum(max(keys.parse_counters(r)[3], 0) for r in replies[0][:len(down)]) / 1000 * rate
 
     state = FleetState(gpus=tuple(sorted(gpus, key=lambda g: g.queue)), cold_start=cold, stranded_seconds=stranded)
     policy = policy_from(settings)

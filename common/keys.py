@@ -50,25 +50,44 @@ def running(queue: str) -> str:
     return f"{PREFIX}running:{queue}"
 
 
-def load(queue: str) -> str:
-    """Total cost of the jobs waiting, handed or running on this GPU, in thousandths of a cost
-    unit (an integer: kept by the scripts that move jobs, never summed per request)."""
+QUEUE_COUNTS = f"{PREFIX}queues"
+"""Hash: GPU queue → its counters, four integers separated by spaces (`STAGES`): the jobs in its
+waiting, handed and running indexes, and their total cost in thousandths of a cost unit. Kept by
+the task store's scripts with the indexes, so one HGETALL reads the whole fleet's backlog however
+many GPUs (dispatch never counts or sums per request), and a reader compares one value per queue
+to see whether it changed."""
+STAGES = ("waiting", "handed", "running", "load")
+
+
+def counters_text(waiting: int, handed: int, running: int, load: int) -> str:
+    """A QUEUE_COUNTS value (the scripts write the same form)."""
+    return f"{waiting} {handed} {running} {load}"
+
+
+def parse_counters(value) -> tuple[int, int, int, int]:
+    """A QUEUE_COUNTS value → (waiting, handed, running, load); None → zeros."""
+    if not value:
+        return (0, 0, 0, 0)
+    waiting, handed, running, load = map(int, value.split())
+    return (waiting, handed, running, load)
+
+
+def legacy_load(queue: str) -> str:
+    """Where versions before QUEUE_COUNTS kept a queue's cost total (an integer): the monitor adopts
+    what is left there into QUEUE_COUNTS, so a fleet upgraded with jobs in flight stays exact."""
     return f"{PREFIX}loadsum:{queue}"
 
 
 def queue_keys(queue: str) -> list[str]:
     """A queue's index keys in the order the task store's scripts take them."""
-    return [waiting(queue), handed(queue), running(queue), load(queue)]
+    return [waiting(queue), handed(queue), running(queue)]
 
 
 # The fleet ------------------------------------------------------------------------------------
 WORKERS = f"{PREFIX}workers"  # sorted set: GPU queue → last heartbeat time
+HEARTBEATS = f"{PREFIX}workers:beats"  # hash: GPU queue → its last heartbeat (JSON, with its time `ts`)
+HEARTBEAT_TIMES = f"{PREFIX}workers:beat_times"  # hash: GPU queue → that heartbeat's time (what readers poll)
 KNOWN_WORKERS = f"{PREFIX}workers:known"  # hash: GPU queue → its last heartbeat's labels (JSON), kept
-
-
-def worker(queue: str) -> str:
-    """A worker's heartbeat (JSON, expires after HEARTBEAT_TTL)."""
-    return f"{PREFIX}worker:{queue}"
 
 
 MONITOR_LOCK = f"{PREFIX}monitor:lock"

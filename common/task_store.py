@@ -4,7 +4,8 @@ A record is a Redis hash of JSON values (`keys.task`). One Lua script applies an
 it checks the record's state against the transition's sources (from the table, passed in), the
 queue the caller expects, and for owned transitions the worker instance, then in the same step
 - moves the job between its queue's indexes (waiting / handed / running, `common/keys.py`) and
-  keeps the queue's total cost (`keys.load`) as a running total;
+  keeps the queue's counters in `keys.QUEUE_COUNTS` (jobs per index, and their total cost) with
+  them, so reading the whole fleet's backlog is one command whatever its size;
 - appends the transition's event to the job's event log (`keys.events`), so the event stream
   and webhooks see exactly the transitions the record went through;
 - on a final state: leaves the active sets (job caps), deletes the graphs (`keys.payload`),
@@ -39,9 +40,25 @@ TERMINAL = frozenset(str(s) for s in lifecycle.FINAL_STATUSES)
 CANCEL_CHANNEL = keys.CANCEL_CHANNEL
 MAX_EVENTS = 10_000  # a bound on one job's log even if a worker reported progress too often
 
+# A queue's counters in keys.QUEUE_COUNTS ("waiting handed running load"), read and written by the
+# scripts below (prepended to each).
+_COUNTERS_LUA = """
+local function counters(hash, queue)
+  local c, raw = {0, 0, 0, 0}, redis.call('HGET', hash, queue)
+  if raw then
+    local i = 1
+    for n in string.gmatch(raw, '-?%d+') do c[i] = tonumber(n); i = i + 1 end
+  end
+  return c
+end
+local function store_counters(hash, queue, c)
+  redis.call('HSET', hash, queue, string.format('%d %d %d %d', c[1], c[2], c[3], c[4]))
+end
+"""
+
 # KEYS: [1] task, [2] events, [3] payload, [4] webhooks pending, [5] active (service),
-# [6] active (owner), [7-10] the queue the job is on: waiting, handed, running, load,
-# [11-14] the queue it goes to (the same keys when it stays), [15..] metric keys.
+# [6] active (owner), [7-9] the queue the job is on: waiting, handed, running, [10-12] the queue
+# it goes to (the same keys when it stays), [13] keys.QUEUE_COUNTS, [14..] metric keys.
 # ARGV: [1] task id, [2] JSON list of source states ([] = the job must not exist: never here),
 # [3] target state ('' = stay), [4] target status, [5] event type ('' = none), [6] event data
 # JSON, [7] queue the job must be on ('' = any), [8] queue it goes to, [9] worker instance that
@@ -50,7 +67,7 @@ MAX_EVENTS = 10_000  # a bound on one job's log even if a worker reported progre
 # [15] number of metric operations N, then N × (op, key index, field, value), then the record's
 # field/value pairs to set (JSON values).
 # Returns {applied, state before, callback JSON, event id, cancel requested, record, payload}.
-_TRANSITION = """
+_TRANSITION = _COUNTERS_LUA + """
 local raw_state = redis.call('HGET', KEYS[1], 'state')
 local state
 if raw_state then
@@ -75,21 +92,24 @@ if not ok then return {0, state, '', '', cancel, false, false} end
 local id, target, now = ARGV[1], ARGV[3], tonumber(ARGV[11])
 local final = target == 'succeeded' or target == 'failed' or target == 'cancelled'
 if target ~= '' then
-  local function leave(s)
-    if s == 'waiting' then redis.call('ZREM', KEYS[7], id)
-    elseif s == 'handed' then redis.call('ZREM', KEYS[8], id)
-    elseif s == 'running' then redis.call('SREM', KEYS[9], id) end
-  end
-  leave(state)
+  -- The queues' counters move with their indexes: a count changes only when its index did.
+  local to = ARGV[8]
+  local moved = to ~= queue
+  local from_c = counters(KEYS[13], queue)
+  local to_c = moved and counters(KEYS[13], to) or from_c
+  if state == 'waiting' then from_c[1] = from_c[1] - redis.call('ZREM', KEYS[7], id)
+  elseif state == 'handed' then from_c[2] = from_c[2] - redis.call('ZREM', KEYS[8], id)
+  elseif state == 'running' then from_c[3] = from_c[3] - redis.call('SREM', KEYS[9], id) end
   local cost = math.floor(tonumber(redis.call('HGET', KEYS[1], 'cost') or '1') * 1000 + 0.5)
-  local moved = ARGV[8] ~= queue
-  if final or moved then redis.call('DECRBY', KEYS[10], cost) end
+  if final or moved then from_c[4] = from_c[4] - cost end
   if not final then
-    if moved then redis.call('INCRBY', KEYS[14], cost) end
-    if target == 'waiting' then redis.call('ZADD', KEYS[11], now, id)
-    elseif target == 'handed' then redis.call('ZADD', KEYS[12], now, id)
-    elseif target == 'running' then redis.call('SADD', KEYS[13], id) end
+    if moved then to_c[4] = to_c[4] + cost end
+    if target == 'waiting' then to_c[1] = to_c[1] + redis.call('ZADD', KEYS[10], now, id)
+    elseif target == 'handed' then to_c[2] = to_c[2] + redis.call('ZADD', KEYS[11], now, id)
+    elseif target == 'running' then to_c[3] = to_c[3] + redis.call('SADD', KEYS[12], id) end
   end
+  store_counters(KEYS[13], queue, from_c)
+  if moved then store_counters(KEYS[13], to, to_c) end
   redis.call('HSET', KEYS[1], 'state', cjson.encode(target), 'status', cjson.encode(ARGV[4]),
              'queue', cjson.encode(ARGV[8]))
 end
@@ -134,42 +154,44 @@ return {1, state, redis.call('HGET', KEYS[1], 'callback') or '', event, cancel, 
 
 # Creating a job (the `submit` transition), atomically with its admission checks and its Celery
 # message (common/producer.message), so a job is never queued without its message.
-# KEYS: [1] task, [2] payload, [3] events, [4] waiting, [5] load, [6] handed, [7] running (the
-# job's queue), [8] active, [9] active (owner), [10] metric counters, [11] the queue's Celery
-# list, [12] (optional) the caller's idempotency key.
+# KEYS: [1] task, [2] payload, [3] events, [4] waiting (the job's queue), [5] keys.QUEUE_COUNTS,
+# [6] active, [7] active (owner), [8] metric counters, [9] the queue's Celery list,
+# [10] (optional) the caller's idempotency key.
 # ARGV: [1] record TTL s, [2] payload JSON, [3] enqueue time ms, [4] cost in thousandths,
 # [5] task id, [6] cap overall (0 = none), [7] cap per owner (0 = none), [8] idempotency value,
 # [9] idempotency TTL s, [10] event data JSON, [11] MAXLEN, [12] counter field, [13] the Celery
-# message ('' = the caller sends it), then the record's field/value pairs.
+# message ('' = the caller sends it), [14] the queue, then the record's field/value pairs.
 # Returns {1, jobs ahead of it (running ones included)} created, {2, value} the idempotency key
 # names a task already (nothing created), {3, scope, active, cap} a cap is reached (nothing created).
-_CREATE = """
-if #KEYS >= 12 then
-  local existing = redis.call('GET', KEYS[12])
+_CREATE = _COUNTERS_LUA + """
+if #KEYS >= 10 then
+  local existing = redis.call('GET', KEYS[10])
   if existing then return {2, existing} end
 end
 local owner_cap, total_cap = tonumber(ARGV[7]), tonumber(ARGV[6])
-if owner_cap > 0 and redis.call('SCARD', KEYS[9]) >= owner_cap then
-  return {3, 'key', redis.call('SCARD', KEYS[9]), owner_cap}
+if owner_cap > 0 and redis.call('SCARD', KEYS[7]) >= owner_cap then
+  return {3, 'key', redis.call('SCARD', KEYS[7]), owner_cap}
 end
-if total_cap > 0 and redis.call('SCARD', KEYS[8]) >= total_cap then
-  return {3, 'service', redis.call('SCARD', KEYS[8]), total_cap}
+if total_cap > 0 and redis.call('SCARD', KEYS[6]) >= total_cap then
+  return {3, 'service', redis.call('SCARD', KEYS[6]), total_cap}
 end
 local ttl = tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 14))
+redis.call('HSET', KEYS[1], unpack(ARGV, 15))
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
-redis.call('INCRBY', KEYS[5], ARGV[4])
-redis.call('SADD', KEYS[8], ARGV[5])
-redis.call('SADD', KEYS[9], ARGV[5])
-redis.call('HINCRBY', KEYS[10], ARGV[12], 1)
-if #KEYS >= 12 then redis.call('SET', KEYS[12], ARGV[8], 'EX', tonumber(ARGV[9])) end
+local c = counters(KEYS[5], ARGV[14])
+c[1] = c[1] + redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
+c[4] = c[4] + tonumber(ARGV[4])
+store_counters(KEYS[5], ARGV[14], c)
+redis.call('SADD', KEYS[6], ARGV[5])
+redis.call('SADD', KEYS[7], ARGV[5])
+redis.call('HINCRBY', KEYS[8], ARGV[12], 1)
+if #KEYS >= 10 then redis.call('SET', KEYS[10], ARGV[8], 'EX', tonumber(ARGV[9])) end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', tonumber(ARGV[11]), '*', 'type', 'queued', 'data', ARGV[10])
 redis.call('EXPIRE', KEYS[3], ttl)
-if ARGV[13] ~= '' then redis.call('LPUSH', KEYS[11], ARGV[13]) end
-local ahead = redis.call('SCARD', KEYS[7]) + redis.call('ZCARD', KEYS[6]) + redis.call('ZRANK', KEYS[4], ARGV[5])
-return {1, ahead}
+if ARGV[13] ~= '' then redis.call('LPUSH', KEYS[9], ARGV[13]) end
+-- Jobs ahead of it: the queue's running and handed ones (its counters), then its rank in line.
+return {1, c[3] + c[2] + redis.call('ZRANK', KEYS[4], ARGV[5])}
 """
 
 # Where a job stands in its GPU's line. KEYS: [1] waiting, [2] handed, [3] running of its queue.
@@ -181,6 +203,26 @@ if rank then return redis.call('SCARD', KEYS[3]) + rank end
 rank = redis.call('ZRANK', KEYS[1], ARGV[1])
 if rank then return redis.call('SCARD', KEYS[3]) + redis.call('ZCARD', KEYS[2]) + rank end
 return -1
+"""
+
+# Adopting what versions before keys.QUEUE_COUNTS left (an upgrade with jobs in flight): for each
+# queue whose old cost total still exists, add it to the queue's load and recount its jobs per
+# index. KEYS: [1] keys.QUEUE_COUNTS, then per queue: old total, waiting, handed, running.
+# ARGV: the queues. Returns how many had an old total.
+_ADOPT = _COUNTERS_LUA + """
+local adopted = 0
+for q = 1, #ARGV do
+  local k, queue = 4 * q - 2, ARGV[q]
+  local old = redis.call('GET', KEYS[k])
+  if old then
+    local c = counters(KEYS[1], queue)
+    store_counters(KEYS[1], queue, {redis.call('ZCARD', KEYS[k + 1]), redis.call('ZCARD', KEYS[k + 2]),
+                                    redis.call('SCARD', KEYS[k + 3]), c[4] + tonumber(old)})
+    redis.call('DEL', KEYS[k])
+    adopted = adopted + 1
+  end
+end
+return adopted
 """
 
 # The webhook worker's record of a final delivery. KEYS: [1] task, [2] webhooks pending.
@@ -230,6 +272,11 @@ def unpack_payload(raw: bytes | str | None) -> dict | None:
     if isinstance(raw, str):
         raw = raw.encode()
     return json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))  # plain JSON: stored before compression
+
+
+def parse_queue_counts(raw: dict) -> dict[str, tuple[int, int, int, int]]:
+    """HGETALL of `keys.QUEUE_COUNTS` → queue → (waiting, handed, running, load in thousandths)."""
+    return {_text(queue): keys.parse_counters(value) for queue, value in raw.items()}
 
 
 def cost_units(cost) -> int:
@@ -297,6 +344,7 @@ class TaskStore:
         self._create = client.register_script(_CREATE)
         self._position = client.register_script(_POSITION)
         self._webhook_state = client.register_script(_WEBHOOK_STATE)
+        self._adopt = client.register_script(_ADOPT)
 
     # Reading ------------------------------------------------------------------------------------
     def get(self, task_id: str) -> dict | None:
@@ -337,6 +385,20 @@ class TaskStore:
         """Jobs a worker of this queue has (handed or running)."""
         return [*self.handed(queue), *self.running(queue)]
 
+    def queue_counts(self) -> dict[str, tuple[int, int, int, int]]:
+        """Every queue's counters (`keys.QUEUE_COUNTS`) in one read: queue → jobs waiting,
+        handed, running, and their total cost in thousandths of a unit."""
+        return parse_queue_counts(self.redis.hgetall(keys.QUEUE_COUNTS))
+
+    def adopt_legacy_totals(self, queues: Iterable[str]) -> int:
+        """Fold the cost totals that versions before `keys.QUEUE_COUNTS` kept into it (once per
+        queue, or again while such a version still runs); returns how many queues had one."""
+        queues = list(queues)
+        call_keys = [keys.QUEUE_COUNTS]
+        for queue in queues:
+            call_keys += [keys.legacy_load(queue), *keys.queue_keys(queue)]
+        return int(self._adopt(keys=call_keys, args=queues)) if queues else 0
+
     def active_count(self, owner: str | None = None) -> int:
         """Jobs not yet finished: of `owner`, or of the whole service."""
         return int(self.redis.scard(keys.active(owner)))
@@ -362,15 +424,15 @@ class TaskStore:
         owner = record.setdefault("owner", "anonymous")
         record = {**record, "state": str(State.WAITING), "status": QUEUED}
         call_keys = [keys.task(task_id), keys.payload(task_id), keys.events(task_id), keys.waiting(queue),
-                     keys.load(queue), keys.handed(queue), keys.running(queue), keys.active(), keys.active(owner),
-                     keys.METRIC_COUNTERS, keys.celery_queue(queue)]
+                     keys.QUEUE_COUNTS, keys.active(), keys.active(owner), keys.METRIC_COUNTERS,
+                     keys.celery_queue(queue)]
         idem_value, idem_ttl = "", 0
         if idempotency is not None:
             idem_key, idem_value, idem_ttl = idempotency
             call_keys.append(idem_key)
         args = [self.ttl, pack_payload(payload), int(time.time() * 1000), cost_units(record.get("cost")), task_id,
                 int(max_active), int(max_active_per_owner), idem_value, int(idem_ttl), _json({"queue": queue}),
-                MAX_EVENTS, metrics.submitted_field(record["workflow"]), message, *_encode(record)]
+                MAX_EVENTS, metrics.submitted_field(record["workflow"]), message, queue, *_encode(record)]
         for attempt in range(2):
             result = self._create(keys=call_keys, args=args)
             outcome = int(result[0])
@@ -455,10 +517,10 @@ class TaskStore:
         for op, key, fname, value in metric_ops:
             if key not in metric_keys:
                 metric_keys.append(key)
-            ops += [op, str(15 + metric_keys.index(key)), fname, str(value)]
+            ops += [op, str(14 + metric_keys.index(key)), fname, str(value)]
         call_keys = [keys.task(task_id), keys.events(task_id), keys.payload(task_id), keys.WEBHOOKS_PENDING,
                      keys.active(), keys.active(owner), *keys.queue_keys(queue), *keys.queue_keys(to_queue),
-                     *metric_keys]
+                     keys.QUEUE_COUNTS, *metric_keys]
         args = [task_id, _json(sorted(str(s) for s in spec.sources)), str(target) if target else "",
                 str(lifecycle.status_of(target)) if target else "", spec.event or "", _json(event or {}),
                 queue, to_queue, must_own, owner, int(time.time() * 1000), int(self.events_ttl), MAX_EVENTS,

@@ -146,10 +146,12 @@ def test_a_live_worker_that_dropped_its_job_is_caught_and_the_job_moved(fleet_fa
     try:
         victim_sim.restart()
         client = redis.Redis.from_url(fleet.redis.url)
-        beat = json.loads(client.get(f"cs:worker:{running['gpu']}"))
+        beat = json.loads(client.hget("cs:workers:beats", running["gpu"]))
         beat["running"] = []
-        client.set(f"cs:worker:{running['gpu']}", json.dumps(beat), px=60_000)
-        client.zadd("cs:workers", {running["gpu"]: __import__("time").time() + 30})
+        alive_until = __import__("time").time() + 30  # a heartbeat from the future: alive a while
+        client.hset("cs:workers:beats", running["gpu"], json.dumps(beat))
+        client.hset("cs:workers:beat_times", running["gpu"], repr(alive_until))
+        client.zadd("cs:workers", {running["gpu"]: alive_until})
         moved = wait_until(lambda: record(fleet, task["task_id"]).get("attempt_log"), 15, what="the job moved")
         assert [a["code"] for a in moved] == ["job_dropped"]
     finally:

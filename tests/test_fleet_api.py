@@ -37,11 +37,11 @@ def test_inputs_from_redis_price_work_by_each_gpus_speed_and_count_work_stranded
     # Two live GPUs: one measured at 2 s per unit holding 150 units, one without history.
     registry.publish(beat("gpu.h.0", rates={"sdxl": {"seconds_per_unit": 2.0, "jobs": 3}}, checkpoint="sdxl"))
     registry.publish(beat("gpu.h.1"))
-    client.set(keys.load("gpu.h.0"), 150_000)  # thousandths of a unit, as the task store keeps it
+    client.hset(keys.QUEUE_COUNTS, "gpu.h.0", keys.counters_text(1, 0, 0, 150_000))  # load: thousandths of a unit
     client.zadd(keys.waiting("gpu.h.0"), {"t1": 1})
     # A GPU that is down (known, no heartbeat) with 30 units waiting on its queue.
     client.zadd(keys.WORKERS, {"gpu.h.9": time.time() - 3600})
-    client.set(keys.load("gpu.h.9"), 30_000)
+    client.hset(keys.QUEUE_COUNTS, "gpu.h.9", keys.counters_text(0, 0, 0, 30_000))
 
     result = assess(client, registry, cfg, now=1000.0)
     gpus = {g.queue: g for g in result.state.gpus}
@@ -57,7 +57,7 @@ def test_inputs_from_redis_price_work_by_each_gpus_speed_and_count_work_stranded
     assert {g.queue: g.idle_seconds for g in later.state.gpus}["gpu.h.1"] == 400.0
     assert later.decision.desired == 2  # 360 s of work needs ceil(360 / 180) = 2: nothing goes
 
-    client.delete(keys.load("gpu.h.0"), keys.waiting("gpu.h.0"), keys.load("gpu.h.9"))
+    client.delete(keys.QUEUE_COUNTS, keys.waiting("gpu.h.0"))
     idle = assess(client, registry, cfg, now=1500.0)
     assert (idle.decision.desired, idle.decision.retire) == (1, ("gpu.h.1",))  # gpu.h.0 idle only since now
     doc = document(idle)
@@ -79,11 +79,11 @@ def test_a_measured_cold_start_is_used_and_outlives_the_fleet_and_stranded_work_
     for queue in ("gpu.h.0", "gpu.h.1"):  # the fleet scales to zero: no heartbeat left
         registry.withdraw(queue)
     client.zadd(keys.WORKERS, {"gpu.h.0": 0, "gpu.h.1": 0})
-    client.set(keys.load("gpu.h.0"), 300_000)  # 400 units wait on GPUs that are gone
+    client.hset(keys.QUEUE_COUNTS, "gpu.h.0", keys.counters_text(0, 0, 0, 300_000))  # 400 units wait on GPUs that are gone
     # WAIT_FOR_GPUS queues a job on a GPU the fleet had, even one that left cleanly (forgotten in
     # the registry's sorted set, still in its labels).
     client.hset(keys.KNOWN_WORKERS, "gpu.h.7", "{}")
-    client.set(keys.load("gpu.h.7"), 100_000)
+    client.hset(keys.QUEUE_COUNTS, "gpu.h.7", keys.counters_text(0, 0, 0, 100_000))
     empty = assess(client, registry, Settings(REDIS_URL=redis_server.url, LOG_DIR="", SCALE_TARGET_WAIT="60"),
                    workers=[], now=20.0)
     assert empty.state.cold_start == 50.0 and empty.seconds_per_unit == 0.5  # remembered

@@ -129,25 +129,57 @@ def test_the_store_and_the_table_agree_on_random_histories(redis_server):
     store = TaskStore(client, 3600)
     rng = random.Random(13)
     names = [n for n in TRANSITIONS if n != "submit"]
+    queues = ("gpu.a.0", "gpu.a.1")
     for _ in range(60):
-        task_id = str(uuid.uuid4())
-        store.create({"task_id": task_id, "workflow": "w", "queue": "gpu.a.0", "owner": "o", "params": {},
-                      "created_at": "2026-01-01T00:00:00Z", "cost": 2.0}, {"graph": {}})
+        task_id, queue = str(uuid.uuid4()), rng.choice(queues)
+        store.create({"task_id": task_id, "workflow": "w", "queue": queue, "owner": "o", "params": {},
+                      "created_at": "2026-01-01T00:00:00Z", "cost": rng.choice((2.0, 0.125, 7.3))}, {"graph": {}})
         state = State.WAITING
         for _ in range(8):
             name = rng.choice(names)
             mine = rng.random() < 0.8  # sometimes a worker that is not the owner asks
             expected = apply(name, state, owner_matches=mine or state not in (State.HANDED, State.RUNNING))
-            done = store.apply(name, task_id, queue="gpu.a.0", owner="o", instance="w1" if mine else "w2",
-                               fields={"worker": "w1"} if name == "hand" else None)
+            to_queue = rng.choice(queues) if name in ("requeue", "hand") else None  # moves between GPUs
+            done = store.apply(name, task_id, queue=queue, owner="o", instance="w1" if mine else "w2",
+                               to_queue=to_queue, fields={"worker": "w1"} if name == "hand" else None)
             assert done.applied == (expected is not None), (name, state, mine)
             assert done.before == state
             state = expected or state
+            queue = to_queue if done.applied and to_queue else queue
             assert lifecycle.state_of(store.get(task_id)) == state
-    # Whatever happened, the queue's indexes and cost total hold exactly the unfinished jobs.
+        _assert_counters_hold(client, store, queues)
+
+
+def _assert_counters_hold(client, store: TaskStore, queues) -> None:
+    """The queues' indexes, counters and cost totals hold exactly the unfinished jobs."""
     unfinished = [r for r in store.get_many(m.decode() for m in client.smembers("cs:active")) if r]
-    assert sorted(store.waiting("gpu.a.0") + store.taken("gpu.a.0")) == sorted(r["task_id"] for r in unfinished)
-    assert int(client.get("cs:loadsum:gpu.a.0") or 0) == 2000 * len(unfinished)
+    counts = store.queue_counts()
+    for queue in queues:
+        mine = [r for r in unfinished if r["queue"] == queue]
+        assert sorted(store.waiting(queue) + store.taken(queue)) == sorted(r["task_id"] for r in mine)
+        assert counts.get(queue, (0, 0, 0, 0)) == (len(store.waiting(queue)), len(store.handed(queue)),
+                                                   len(store.running(queue)),
+                                                   sum(round(r["cost"] * 1000) for r in mine)), queue
+
+
+def test_an_upgrade_adopts_the_old_cost_totals(redis_server):
+    """Jobs submitted by a version that kept a queue's total in its own key: the monitor folds it
+    into the counters hash, which then stays exact as those jobs move on."""
+    client = redis.Redis.from_url(redis_server.url)
+    store = TaskStore(client, 3600)
+    old = [str(uuid.uuid4()) for _ in range(3)]
+    for task_id in old:  # what the old version wrote: the record, the index and its own total
+        store.create({"task_id": task_id, "workflow": "w", "queue": "gpu.u.0", "owner": "o", "params": {},
+                      "created_at": "2026-01-01T00:00:00Z", "cost": 1.5}, {"graph": {}})
+    client.delete("cs:queues")
+    client.set("cs:loadsum:gpu.u.0", 4500)
+    store.apply("hand", old[0], queue="gpu.u.0", instance="w1", fields={"worker": "w1"})  # the new version moves one
+    assert store.adopt_legacy_totals(["gpu.u.0", "gpu.u.1"]) == 1
+    assert not client.exists("cs:loadsum:gpu.u.0")
+    _assert_counters_hold(client, store, ["gpu.u.0"])
+    assert store.adopt_legacy_totals(["gpu.u.0"]) == 0
+    store.apply("cancel_waiting", old[1], queue="gpu.u.0")
+    _assert_counters_hold(client, store, ["gpu.u.0"])
 
 
 def test_every_file_the_architecture_doc_names_exists():

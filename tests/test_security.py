@@ -296,7 +296,7 @@ def test_active_sets_follow_every_status_path(redis_server):
                 assert not store.apply(step, task_id, queue=QUEUE, owner="alice", instance="w1").applied, step
     assert active() == set() and client.scard("cs:active") == 0
     assert store.waiting(QUEUE) == store.taken(QUEUE) == []
-    assert int(client.get(f"cs:loadsum:{QUEUE}")) == 0
+    assert client.hget("cs:queues", QUEUE) == b"0 0 0 0"  # jobs waiting, handed, running; their cost
     # Caps: per owner and overall; a member whose record vanished is pruned, not counted forever.
     first, second = create(max_active_per_owner=2), create(max_active_per_owner=2)
     assert create(max_active_per_owner=2) == ("full", {"scope": "key", "active": 2, "limit": 2})

@@ -288,7 +288,7 @@ def test_the_workers_heartbeat_continues_on_the_new_master(fleet, failover):
     master = failover["new"].client()
     queue = fleet.workers[0].queue
     wait_until(lambda: master.zscore(keys.WORKERS, queue) > time.time() - 2, 10, what="a fresh heartbeat")
-    assert master.exists(keys.worker(queue))
+    assert master.hexists(keys.HEARTBEATS, queue)
     assert queue in json.dumps(requests.get(fleet.url + "/api/v1/workers", timeout=5).json())
 
 

@@ -59,7 +59,9 @@ class Monitor:
         alive = {w["queue"]: w for w in self.registry.alive()}
         now = datetime.now(timezone.utc)
         queues = self.registry.known_queues()
-        slack = self._unacked_untaken(queues)
+        self.store.adopt_legacy_totals(queues)
+        counts = self.store.queue_counts()
+        slack = self._unacked_untaken(counts)
         for queue in queues:
             beat = alive.get(queue)
             for record in filter(None, self.store.get_many(self.store.taken(queue))):
@@ -68,7 +70,7 @@ class Monitor:
             if needs_moving(beat):
                 self._move_waiting(queue)
             else:
-                self._recover_lost_messages(queue, slack)
+                self._recover_lost_messages(queue, slack, counts.get(queue, (0,))[0])
         if self.notifier is not None:
             self._resend_owed_webhooks()
 
@@ -142,29 +144,21 @@ class Monitor:
         if moved:
             log.warning("moved %d waiting job(s) off %s", moved, queue)
 
-    def _unacked_untaken(self, queues: list[str]) -> int:
+    def _unacked_untaken(self, counts: dict[str, tuple[int, int, int, int]]) -> int:
         """Unacknowledged Celery messages beyond those of taken jobs (whose messages stay unacked
-        while they run): messages a worker holds but has not handed over yet, or stale ones."""
-        pipe = self.store.redis.pipeline(transaction=False)
-        pipe.hlen(keys.CELERY_UNACKED)
-        for queue in queues:
-            pipe.zcard(keys.handed(queue))
-            pipe.scard(keys.running(queue))
-        unacked, *taken = pipe.execute()
-        return max(int(unacked) - sum(taken), 0)
+        while they run): messages a worker holds but has not handed over yet, or stale ones.
+        `counts`: every queue's counters (TaskStore.queue_counts)."""
+        taken = sum(max(handed, 0) + max(running, 0) for _, handed, running, _ in counts.values())
+        return max(int(self.store.redis.hlen(keys.CELERY_UNACKED)) - taken, 0)
 
-    def _recover_lost_messages(self, queue: str, slack: int) -> None:
+    def _recover_lost_messages(self, queue: str, slack: int, waiting: int) -> None:
         """A job waiting for its GPU whose Celery message is gone (a Redis failover can keep the
         record and lose the message, or lose a worker's hand-over after it took the message)
         would wait for ever: sent again. Cheap while nothing is missing: the queue's messages,
         plus the unacknowledged ones no taken job accounts for, cover its waiting jobs, and no
         message is read."""
         redis = self.store.redis
-        pipe = redis.pipeline(transaction=False)
-        pipe.zcard(keys.waiting(queue))
-        pipe.llen(queue)
-        waiting, queued = pipe.execute()
-        if not waiting or queued + slack >= waiting:
+        if waiting <= 0 or redis.llen(queue) + slack >= waiting:
             return
         cutoff = (time.time() - LOST_MESSAGE_AGE) * 1000  # not a message in flight between two lists
         old = [m.decode() for m in redis.zrangebyscore(keys.waiting(queue), "-inf", cutoff)]

@@ -451,7 +451,7 @@ class Chaos:
     def _diagnose(self, task_id: str, record: dict, runs: list[dict]) -> dict:
         """Why a job is not final: who, if anyone, still holds it."""
         queue, prompt = record.get("queue"), record.get("prompt_id")
-        beat_raw = self.redis.get(keys.worker(queue)) if queue else None
+        beat_raw = self.redis.hget(keys.HEARTBEATS, queue) if queue else None
         beat = json.loads(beat_raw) if beat_raw else None
         messages = sum(task_id in m.decode(errors="replace") for m in self.redis.lrange(queue, 0, -1)) if queue else 0
         unacked = sum(task_id in v.decode(errors="replace") for v in self.redis.hvals("unacked"))
