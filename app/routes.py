@@ -18,7 +18,7 @@ from common.dispatch import JobSpec, choose, healthy, known_checkpoints, waiting
 from common.producer import send
 from common import events, keys, metrics, webhooks
 from workflows import raw
-from workflows.render import render, resolve_seed
+from workflows.render import payload_dictionary, render, resolve_seed
 
 api = Blueprint("api", __name__)
 probes = Blueprint("probes", __name__)
@@ -194,6 +194,7 @@ def generate():
                                {"errors": [{"field": key, "message": "must match " + PIN_PATTERN.pattern,
                                             "type": "pattern"}]})
     task_id = str(uuid.uuid4())  # random: task ids cannot be guessed
+    dictionary = None
     if name == raw.NAME:
         rendered = _render_raw(body, task_id)
         payload = {"graph": rendered.api, "progress_repeats": {}}  # no editor graph for a raw one
@@ -207,6 +208,7 @@ def generate():
                                {"workflow": name, "errors": errors}) from None
         rendered = render(workflow, params, output_prefix=f"cs_{task_id}")
         payload = {"graph": rendered.api, "ui": rendered.ui, "progress_repeats": rendered.progress_repeats}
+        dictionary = _dictionary(workflow)
 
     job = JobSpec(workflow=name, cost=rendered.cost, checkpoint=rendered.checkpoint, **pin)
     known = _check_checkpoint_known(rendered.checkpoint) if rendered.checkpoint else None
@@ -247,7 +249,7 @@ def generate():
     for _ in range(2):
         created = svc.store.create(record, payload, max_active=svc.settings.max_active_jobs,
                                    max_active_per_owner=svc.settings.max_active_jobs_per_key,
-                                   idempotency=idempotency)
+                                   idempotency=idempotency, dictionary=dictionary)
         outcome, info = created.outcome, created.info
         if outcome != "replay":
             break
@@ -292,6 +294,16 @@ def generate():
                                headers={"Retry-After": "2"}) from None
         raise
     return _accepted(task_id)
+
+
+_DICTIONARIES: dict[str, bytes] = {}
+
+
+def _dictionary(workflow) -> bytes:
+    """The workflow's payload dictionary, built once per process (its templates are fixed)."""
+    if workflow.name not in _DICTIONARIES:
+        _DICTIONARIES[workflow.name] = payload_dictionary(workflow)
+    return _DICTIONARIES[workflow.name]
 
 
 class NotReplicated(Exception):

@@ -34,7 +34,8 @@ def _used(s) -> int:
 
 def _breakdown(s, task_id: str) -> dict[str, int]:
     out = {}
-    for name, key in (("record", keys.task(task_id)), ("graphs", keys.payload(task_id)),
+    for name, key in (("record", keys.task(task_id)), ("record's long values", keys.task_long(task_id)),
+                      ("graphs", keys.payload(task_id)),
                       ("event log", keys.events(task_id)), ("log lines", keys.logs(task_id))):
         size = s.redis.memory_usage(key, samples=0)
         if size:

@@ -10,6 +10,8 @@ import redis
 import requests
 from PIL import Image
 
+from common.task_store import read_record
+
 from tests.support.api import story, submit, wait_status
 from tests.support.procs import wait_until
 
@@ -34,8 +36,7 @@ def quiet_fleet(tmp_path_factory):
 
 
 def task_record(fleet, task_id: str) -> dict:
-    raw = redis.Redis.from_url(fleet.redis.url).hgetall(f"cs:task:{task_id}")
-    return {k.decode(): json.loads(v) for k, v in raw.items()}
+    return read_record(redis.Redis.from_url(fleet.redis.url), task_id) or {}
 
 
 def test_generate_runs_storydiffusion_and_serves_its_images(fleet):
