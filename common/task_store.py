@@ -1,12 +1,11 @@
 """Task records in Redis, changed only by the transitions common/lifecycle.py declares.
 
 A record is a Redis hash of short JSON values (`keys.task`) and, beside it, a hash of its long
-values (params, result, error, ...), each zlib-compressed JSON (`keys.task_long`): a hash with one
-value over 64 bytes (Redis' default `hash-max-listpack-value`, which managed Redis often fixes)
-leaves the compact listpack encoding and costs about twice the memory. The fields a script reads
-stay in the record's own hash whatever their length (`HASH_FIELDS`). One Lua script applies any
-transition:
-it checks the record's state against the transition's sources (from the table, passed in), the
+values (params, result, error, ...), each zlib-compressed JSON against a preset dictionary
+(`keys.task_long`, common/compact.py): a hash with one value over 64 bytes (Redis' default
+`hash-max-listpack-value`, which managed Redis often fixes) leaves the compact listpack encoding
+and costs about twice the memory. The fields a script reads stay in the record's own hash
+whatever their length (`HASH_FIELDS`). One Lua script applies any transition: it checks the record's state against the transition's sources (from the table, passed in), the
 queue the caller expects, and for owned transitions the worker instance, then in the same step
 - moves the job between its queue's indexes (waiting / handed / running, `common/keys.py`) and
   keeps the queue's total cost (`keys.load`) as a running total;
@@ -26,7 +25,6 @@ import functools
 import json
 import logging
 import time
-import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterable
@@ -34,7 +32,7 @@ from typing import Callable, Iterable
 import redis
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from common import keys, lifecycle, metrics
+from common import compact, keys, lifecycle, metrics
 from common.lifecycle import State, Status
 
 log = logging.getLogger("comfy.tasks")
@@ -258,9 +256,9 @@ HASH_FIELDS = frozenset({"state", "status", "queue", "worker", "cancel_requested
                          "final_event", "gpu", "task_id", "owner"})
 
 
-def _encode(fields: dict) -> tuple[list, list]:
+def _encode(fields: dict, dictionary: bytes = compact.VOCABULARY) -> tuple[list, list]:
     """A record's fields as (short, long) flat field/value lists: JSON in the record's hash, and
-    compressed JSON in its long values' hash (`keys.task_long`)."""
+    compressed JSON (against `dictionary`: common/compact.py) in its long values' hash."""
     short: list = []
     long: list = []
     for name, value in fields.items():
@@ -268,7 +266,7 @@ def _encode(fields: dict) -> tuple[list, list]:
         if len(text) <= SHORT_VALUE or name in HASH_FIELDS:
             short += [name, text]
         else:
-            long += [name, zlib.compress(text.encode(), 9)]
+            long += [name, compact.pack(text.encode(), dictionary)]
     return short, long
 
 
@@ -282,12 +280,14 @@ def _pairs(raw) -> dict:
     return raw or {}
 
 
-def decode_record(raw, long=None) -> dict:
-    """A record from HGETALL (a dict) or from a script (a flat list), with its long values
-    (the same shapes, each value compressed JSON) when given."""
+def decode_record(raw, long=None, dictionaries: compact.Dictionaries | None = None) -> dict:
+    """A record from HGETALL (a dict) or from a script (a flat list), with its long values (the
+    same shapes; `dictionaries` reads them when one names a workflow's dictionary)."""
     record = {_text(k): json.loads(v) for k, v in _pairs(raw).items()}
-    for name, value in _pairs(long).items():
-        record.setdefault(_text(name), json.loads(zlib.decompress(value)))
+    if long:
+        dictionaries = dictionaries or compact.Dictionaries(None)
+        for name, value in _pairs(long).items():
+            record.setdefault(_text(name), dictionaries.unpack(value))
     return record
 
 
@@ -297,53 +297,20 @@ def read_record(client: redis.Redis, task_id: str) -> dict | None:
     pipe.hgetall(keys.task(task_id))
     pipe.hgetall(keys.task_long(task_id))
     raw, long = pipe.execute()
-    return decode_record(raw, long) if raw else None
-
-
-def _value(raw) -> object:
-    """One field's value from either hash (None: absent)."""
-    if not raw:
-        return None
-    return json.loads(zlib.decompress(raw) if raw[:1] == b"x" else raw)  # JSON never starts with x
-
-
-# A payload compressed against its workflow's template (a zlib preset dictionary) is a tenth of
-# one compressed alone: the graphs are that template with the job's values bound in.
-_FDICT = 0x20
-
-
-def payload_dictionary_id(raw: bytes) -> int | None:
-    """The Adler-32 of the dictionary a compressed payload needs (RFC 1950 DICTID), or None."""
-    if len(raw) >= 6 and raw[1] & _FDICT:
-        return int.from_bytes(raw[2:6], "big")
-    return None
-
-
-def dictionary_id(dictionary: bytes) -> int:
-    return zlib.adler32(dictionary)
+    return decode_record(raw, long, compact.Dictionaries(client)) if raw else None
 
 
 def pack_payload(payload: dict, dictionary: bytes | None = None) -> bytes:
-    """The graphs a job runs, as stored: zlib-compressed JSON, against its workflow's template
-    when given (`dictionary`, stored once under `keys.payload_dictionary`)."""
-    data = json.dumps(payload, separators=(",", ":")).encode()
-    if not dictionary:
-        return zlib.compress(data, 6)
-    packer = zlib.compressobj(9, zdict=dictionary)
-    return packer.compress(data) + packer.flush()
+    """The graphs a job runs, as stored: zlib-compressed JSON, against its workflow's templates
+    when given (`dictionary`, stored once under `keys.payload_dictionary`): a tenth of the bytes
+    of compressing them alone."""
+    return compact.pack(payload, dictionary, level=9 if dictionary else 6)
 
 
-def unpack_payload(raw: bytes | str | None, dictionary: bytes | None = None) -> dict | None:
-    if not raw:
-        return None
-    if isinstance(raw, str):
-        raw = raw.encode()
-    if raw[:1] == b"{":
-        return json.loads(raw)  # plain JSON: stored before compression
-    if dictionary is None:
-        return json.loads(zlib.decompress(raw))
-    unpacker = zlib.decompressobj(zdict=dictionary)
-    return json.loads(unpacker.decompress(raw) + unpacker.flush())
+def unpack_payload(raw: bytes | str | None) -> dict | None:
+    """A stored payload compressed alone, or plain JSON (stored before compression); one compressed
+    against a workflow's dictionary needs Redis: `TaskStore.payload`."""
+    return compact.Dictionaries(None).unpack(raw)
 
 
 def cost_units(cost) -> int:
@@ -411,7 +378,7 @@ class TaskStore:
         self._create = client.register_script(_CREATE)
         self._position = client.register_script(_POSITION)
         self._webhook_state = client.register_script(_WEBHOOK_STATE)
-        self._dictionaries: dict[int, bytes] = {}  # payload dictionaries read so far (a few, fixed)
+        self.dictionaries = compact.Dictionaries(client)  # what compressed values were compressed against
 
     # Reading ------------------------------------------------------------------------------------
     def get(self, task_id: str) -> dict | None:
@@ -426,22 +393,18 @@ class TaskStore:
             pipe.hgetall(keys.task(task_id))
             pipe.hgetall(keys.task_long(task_id))
         replies = pipe.execute()
-        return [decode_record(raw, long) if raw else None for raw, long in zip(replies[::2], replies[1::2])]
+        return [decode_record(raw, long, self.dictionaries) if raw else None
+                for raw, long in zip(replies[::2], replies[1::2])]
 
     def payload(self, task_id: str) -> dict | None:
         return self._unpack(self.redis.get(keys.payload(task_id)))
 
     def _unpack(self, raw: bytes | None) -> dict | None:
-        """A stored payload, reading the dictionary it was compressed against (once per process)."""
-        dict_id = payload_dictionary_id(raw) if raw else None
-        if dict_id is None:
-            return unpack_payload(raw)
-        if dict_id not in self._dictionaries:
-            dictionary = self.redis.get(keys.payload_dictionary(dict_id))
-            if dictionary is None:
-                raise LookupError(f"payload dictionary {dict_id:08x} is not in Redis")
-            self._dictionaries[dict_id] = dictionary
-        return unpack_payload(raw, self._dictionaries[dict_id])
+        try:
+            return self.dictionaries.unpack(raw)
+        except LookupError as exc:  # its dictionary is gone: as good as no graphs (the job fails, says so)
+            log.error("graphs unreadable: %s", exc)
+            return None
 
     def queue_position(self, queue: str, task_id: str) -> int | None:
         """How many jobs are ahead of this one on its GPU, the running one included (0: it is
@@ -496,9 +459,9 @@ class TaskStore:
             call_keys.append(idem_key)
             idem_at = len(call_keys)
         if dictionary:
-            call_keys.append(keys.payload_dictionary(dictionary_id(dictionary)))
+            call_keys.append(keys.payload_dictionary(compact.dictionary_id(dictionary)))
             dict_at = len(call_keys)
-        short, long = _encode(record)
+        short, long = _encode(record, dictionary or compact.VOCABULARY)  # params repeat the templates
         head = [self.ttl, pack_payload(payload, dictionary), int(time.time() * 1000), cost_units(record.get("cost")),
                 task_id, int(max_active), int(max_active_per_owner), idem_value, int(idem_ttl), "", "",
                 metrics.submitted_field(record["workflow"]), idem_at, dict_at]
@@ -605,9 +568,10 @@ class TaskStore:
         before = _text(before)
         outcome = Outcome(
             applied=bool(applied), before=State(before) if before else None,
-            callback=_value(callback), event_id=_text(event_id) or None,
+            callback=self.dictionaries.unpack(callback or None), event_id=_text(event_id) or None,
             cancel_requested=_text(cancel) == "1",
-            record=decode_record(record, long) if record else None, payload=self._unpack(payload or None))
+            record=decode_record(record, long, self.dictionaries) if record else None,
+            payload=self._unpack(payload or None))
         if outcome.applied and target is not None and outcome.callback and self.notify is not None:
             status = str(lifecycle.status_of(target))
             if status != str(lifecycle.status_of(outcome.before)) or spec.event == "started":

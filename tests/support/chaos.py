@@ -49,6 +49,7 @@ import requests
 from common import keys, redis_conn
 from common.apikeys import ANONYMOUS
 from common.settings import Settings
+from common.compact import Dictionaries
 from common.task_store import decode_record
 from tests.support.fleet import Fleet
 from tests.support.procs import RedisServer, SimProcess, free_port, wait_until
@@ -512,7 +513,7 @@ class Chaos:
         outcome, failed, lost, stuck, duplicated, wrong_results = Counter(), Counter(), [], [], [], []
         for k, s in enumerate(accepted):
             tid = s.task_id
-            record = decode_record(raw[3 * k], raw[3 * k + 2])
+            record = decode_record(raw[3 * k], raw[3 * k + 2], Dictionaries(self.redis))
             events = [fields.get(b"type", b"").decode() for _, fields in raw[3 * k + 1]]
             r = session.get(f"{self.fleet.url}/api/v1/tasks/{tid}", timeout=10)
             if r.status_code == 404 or not record:
