@@ -76,11 +76,21 @@ def test_images_stored_in_s3_are_served_by_the_api(fleet_factory, s3_endpoint):
     fleet.start_api()
     done = wait_status(fleet.url, submit(fleet.url, story())["task_id"])
     assert done["status"] == "succeeded", done
-    listed = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
-                          aws_secret_access_key="test").list_objects_v2(Bucket="comfy-outputs")
-    assert len(listed["Contents"]) == 2 and not (fleet.workdir / "outputs").exists()
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
+                      aws_secret_access_key="test")
+
+    def stored() -> list[str]:
+        return [item["Key"] for item in s3.list_objects_v2(Bucket="comfy-outputs").get("Contents", [])]
+
+    assert len([key for key in stored() if key.endswith(".png")]) == 2 and not (fleet.workdir / "outputs").exists()
     image = requests.get(fleet.url + done["result"]["images"][1]["url"], timeout=5)
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    # Its log lines leave Redis for the bucket once the run ended, and are served from there.
+    wait_until(lambda: any(key.endswith(f"{done['task_id']}/log.jsonl") for key in stored()), 15,
+               what="the job's log in the bucket")
+    assert not redis.Redis.from_url(fleet.redis.url).exists(f"cs:logs:{done['task_id']}")
+    lines = requests.get(f"{fleet.url}/api/v1/tasks/{done['task_id']}/logs", timeout=5).json()["lines"]
+    assert any(f"task {done['task_id']} succeeded" in line["m"] for line in lines), lines
 
 
 def test_sdxl_workflow_and_random_seed_reported(fleet):

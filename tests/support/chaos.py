@@ -448,7 +448,7 @@ class Chaos:
 
     def _stored_attempts(self, task_id: str) -> list[str]:
         folder = self.workdir / "outputs" / task_id
-        return sorted({p.name.split("_")[0] for p in folder.iterdir()}) if folder.is_dir() else []
+        return sorted({p.name.split("_")[0] for p in folder.iterdir() if "_" in p.name}) if folder.is_dir() else []
 
     def _diagnose(self, task_id: str, record: dict, runs: list[dict]) -> dict:
         """Why a job is not final: who, if anyone, still holds it."""
