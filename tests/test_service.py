@@ -86,9 +86,10 @@ def test_images_stored_in_s3_are_served_by_the_api(fleet_factory, s3_endpoint):
     image = requests.get(fleet.url + done["result"]["images"][1]["url"], timeout=5)
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
     # Its log lines leave Redis for the bucket once the run ended, and are served from there.
-    wait_until(lambda: any(key.endswith(f"{done['task_id']}/log.jsonl") for key in stored()), 15,
-               what="the job's log in the bucket")
-    assert not redis.Redis.from_url(fleet.redis.url).exists(f"cs:logs:{done['task_id']}")
+    client = redis.Redis.from_url(fleet.redis.url)
+    moved = f"{done['task_id']}/log.jsonl"
+    wait_until(lambda: any(key.endswith(moved) for key in stored()) and not client.exists(f"cs:logs:{done['task_id']}"),
+               15, what="the job's log to move from Redis to the bucket")
     lines = requests.get(f"{fleet.url}/api/v1/tasks/{done['task_id']}/logs", timeout=5).json()["lines"]
     assert any(f"task {done['task_id']} succeeded" in line["m"] for line in lines), lines
 
