@@ -136,7 +136,7 @@ def test_a_waiting_job_has_no_event_log_and_its_stream_is_the_same_without_one(f
     # A one-entry stream costs ~4.7 KB: a job that only waits has none. Its submit event comes
     # from its record, with the id its next transition writes it under, first, into the log.
     client = redis.Redis.from_url(fleet.redis.url)
-    running = [submit(fleet.url, story(steps=200)) for _ in range(2)]  # the worker's two slots, for long
+    running = [submit(fleet.url, story(steps=100)) for _ in range(2)]  # the worker's two slots, for long
     target = submit(fleet.url, story(steps=40))
     try:
         wait_until(lambda: requests.get(f"{fleet.url}/api/v1/tasks/{target['task_id']}", timeout=5).json()[
