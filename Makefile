@@ -39,8 +39,10 @@ images:
 	bash deploy/images/build.sh $(if $(OFFLINE),--offline) $(if $(COMFYUI),--comfyui)
 
 # The benchmark suite (bench/README.md): a few minutes; writes bench/results.json and docs/performance.md.
+# `make bench COMFYUI_URL=http://host:port` also runs overhead and idle against that real ComfyUI. Only a
+# COMFYUI_URL given on make's command line counts: one exported for `make run`'s workers does not.
 bench: $(STAMP)
-	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench $(if $(filter command line,$(origin COMFYUI_URL)),--comfyui-url $(COMFYUI_URL)) $(BENCH_ARGS)
 
 # The long chaos run (issue 14; bench/chaos.py): 1,000 jobs, 8 GPUs, every fault; writes bench/chaos.json and
 # its section of docs/performance.md. CHAOS_ARGS=--quick: 300 jobs on 4 GPUs.

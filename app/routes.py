@@ -13,9 +13,9 @@ from pydantic import ValidationError
 from app.errors import ServiceError, field_errors
 from app.security import current_caller, load_task, owns, task_not_found, valid_task_id
 from common.task_view import API, task_document
-from common.task_store import QUEUED, TERMINAL, now_iso
+from common.task_store import QUEUED, TERMINAL, is_outage, now_iso
 from common.dispatch import JobSpec, choose, healthy, known_checkpoints, waiting_queue
-from common.producer import send
+from common import producer
 from common import events, keys, metrics, webhooks
 from workflows import raw
 from workflows.render import payload_dictionary, render, resolve_seed
@@ -98,8 +98,8 @@ def _document(task_id: str, record: dict | None = None) -> dict:
     return task_document(record, position, svc.settings.public_url)
 
 
-def _accepted(task_id: str, replayed: bool = False):
-    response = jsonify(_document(task_id))
+def _accepted(task_id: str, replayed: bool = False, document: dict | None = None):
+    response = jsonify(document or _document(task_id))
     response.status_code = 202
     response.headers["Location"] = f"{API}/tasks/{task_id}"
     if replayed:
@@ -174,9 +174,10 @@ def generate():
     svc = services()
     owner = current_caller().name
     body = _json_body()
-    fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     idem_key = _idempotency_key(owner)
-    if idem_key:
+    fingerprint = None
+    if idem_key:  # the body's digest tells a replay from another request with the same key
+        fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
         stored = svc.redis.get(idem_key)
         replay = _replay(stored, fingerprint) if stored else None
         if replay is not None:
@@ -246,10 +247,17 @@ def generate():
     if idem_key:
         ttl = min(IDEMPOTENCY_TTL, svc.settings.result_ttl)
         idempotency = (idem_key, json.dumps({"fingerprint": fingerprint, "task_id": task_id}), ttl)
+    queued_message = producer.message(svc.celery, task_id, queue, record)
     for _ in range(2):
-        created = svc.store.create(record, payload, max_active=svc.settings.max_active_jobs,
-                                   max_active_per_owner=svc.settings.max_active_jobs_per_key,
-                                   idempotency=idempotency, dictionary=dictionary)
+        try:
+            created = svc.store.create(record, payload, max_active=svc.settings.max_active_jobs,
+                                       max_active_per_owner=svc.settings.max_active_jobs_per_key,
+                                       idempotency=idempotency, message=queued_message, dictionary=dictionary)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            # The script may have run with its reply lost: the job may be queued, with its message.
+            raise _queued_unknown(task_id) from None
         outcome, info = created.outcome, created.info
         if outcome != "replay":
             break
@@ -266,34 +274,47 @@ def generate():
                            "wait for some to finish or cancel some", info,
                            headers={"Retry-After": TOO_MANY_JOBS_RETRY_AFTER})
     try:
-        send(svc.celery, task_id, queue, record)
         _wait_replicated()
     except Exception as exc:
-        # Never leave a queued record that no message will run (it would hold a job slot), nor an
-        # Idempotency-Key that would replay it: the caller's retry must queue the job afresh.
-        error = {"source": "service", "code": "broker_unavailable", "message": "the job could not be queued",
-                 "details": {}}
-        try:
-            undone = svc.store.apply("fail", task_id, queue=queue, owner=owner, fields={"finished_at": now_iso(),
-                                     "error": error}, event={"queue": queue},
-                                     metric_ops=metrics.finished_ops(record, "failed", error))
-        except Exception:  # noqa: BLE001 - Redis is gone too: whether the job stays queued is unknown
-            raise ServiceError(503, "broker_unavailable", (
-                "Redis failed while the job was being queued, and the service cannot tell whether it was: retry "
-                "with the same Idempotency-Key to get exactly this job or a new one, or look it up"),
-                {"task_id": task_id, "queued": "unknown"}, headers={"Retry-After": "5"}) from None
-        if not undone.applied and undone.before is not None:
-            return _accepted(task_id)  # a worker took it already (the message went out): it runs
-        if idem_key:
-            try:
-                svc.redis.delete(idem_key)
-            except Exception:  # noqa: BLE001 - the job is failed: a replay shows that
-                pass
+        if not isinstance(exc, NotReplicated) and not is_outage(exc):
+            raise
+        # The job and its message are in Redis but may not survive a failover: refuse it, failing
+        # it so its message finds a final job (the worker drops it) and the caller's retry queues
+        # it afresh, unless a worker has taken it already: then it runs.
+        code = "not_replicated" if isinstance(exc, NotReplicated) else "broker_unavailable"
+        if not _undo(task_id, queue, owner, record, idem_key, code):
+            return _accepted(task_id)
         if isinstance(exc, NotReplicated):
             raise ServiceError(503, "not_replicated", str(exc), {"replicas": exc.args[1:]},
                                headers={"Retry-After": "2"}) from None
         raise
-    return _accepted(task_id)
+    # The record as stored (JSON values), answered without reading it back.
+    stored = json.loads(json.dumps({**record, "state": "waiting", "status": QUEUED}))
+    return _accepted(task_id, document=task_document(stored, info, svc.settings.public_url))
+
+
+def _undo(task_id: str, queue: str, owner: str, record: dict, idem_key: str | None, code: str) -> bool:
+    """Fail a job that was created but must not be accepted. False: a worker took it already."""
+    svc = services()
+    error = {"source": "service", "code": code, "message": "the job could not be queued", "details": {}}
+    try:
+        undone = svc.store.apply("fail", task_id, queue=queue, owner=owner,
+                                 fields={"finished_at": now_iso(), "error": error}, event={"queue": queue},
+                                 metric_ops=metrics.finished_ops(record, "failed", error))
+        if not undone.applied and undone.before is not None:
+            return False
+        if idem_key:
+            svc.redis.delete(idem_key)
+    except Exception:  # noqa: BLE001 - Redis is gone: whether the job stays queued is unknown
+        raise _queued_unknown(task_id) from None
+    return True
+
+
+def _queued_unknown(task_id: str) -> ServiceError:
+    return ServiceError(503, "broker_unavailable", (
+        "Redis failed while the job was being queued, and the service cannot tell whether it was: retry "
+        "with the same Idempotency-Key to get exactly this job or a new one, or look it up"),
+        {"task_id": task_id, "queued": "unknown"}, headers={"Retry-After": "5"})
 
 
 _DICTIONARIES: dict[str, bytes] = {}
@@ -313,7 +334,7 @@ class NotReplicated(Exception):
 def _wait_replicated() -> None:
     """With REDIS_MIN_REPLICAS, a job is accepted only once that many replicas hold it, so a
     Sentinel failover cannot lose an accepted job. WAIT covers this connection's writes: a mark
-    written after the Celery message (another connection's) orders the message before it."""
+    written after the job and its message (maybe another connection's) orders them before it."""
     settings = services().settings
     if settings.redis_min_replicas <= 0:
         return

@@ -120,5 +120,7 @@ def run(quick: bool = False) -> dict:
             f"{value['per_image']} per image, {value['per_progress']} per progress update; "
             f"+ logs {value['worker_log_commands_per_job']}, API {value['api_per_job']}, "
             f"Celery {value['celery_transport_per_job']} per job")
-    return {"title": "Redis commands per job", "line": line, "met": met, "value": value, "jobs": jobs,
+    goal = (f"worker ≤ {GOALS['worker_per_job']} per job, ≤ {GOALS['per_image']} per image, "
+            f"≤ {GOALS['per_progress']} per progress update")
+    return {"title": "Redis commands per job", "line": line, "met": met, "goal": goal, "value": value, "jobs": jobs,
             "progress_updates": progress_events, "outputs": outputs, "goals": GOALS}

@@ -5,7 +5,7 @@ each websocket `progress` frame as it leaves the simulator (ComfyUI sends a prom
 progress only to the submitting client's socket, so it cannot be watched from outside).
 A poller reads GET /tasks/{id} every ~2 ms; the first answer showing sampler step k is when
 step k became visible (its receipt time: an upper bound, within one poll). Latency = that
-minus the tap's stamp of step k. The stack runs PROGRESS_INTERVAL=0: every ComfyUI progress
+minus the tap's stamp of step k. The stack runs PROGRESS_INTERVAL=0 (the default): every ComfyUI progress
 message is written (one Redis command each, the `commands` figure counts them); the goal is on
 the age of the step a caller sees (issue 16), the write latency is reported beside it.
 

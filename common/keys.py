@@ -90,6 +90,13 @@ MONITOR_LOCK = f"{PREFIX}monitor:lock"
 FLEET_IDLE_SINCE = f"{PREFIX}fleet:idle_since"  # hash: GPU queue → unix time
 FLEET_LEARNED = f"{PREFIX}fleet:learned"  # hash: cold_start_seconds, seconds_per_unit
 CELERY_UNACKED = "unacked"  # kombu's hash of delivered, unacknowledged messages (its default name)
+
+
+def celery_queue(queue: str) -> str:
+    """kombu's list of a GPU queue's Celery messages: the queue's own name (priority 0; no prefix)."""
+    return queue
+
+
 REPLICATION_MARK = f"{PREFIX}replication:mark"  # written before WAIT (REDIS_MIN_REPLICAS)
 DISPATCH_TURN = f"{PREFIX}dispatch:turn"  # the round-robin baseline's counter (DISPATCH_POLICY)
 

@@ -11,7 +11,12 @@ Flower learns states from task events.
 """
 from __future__ import annotations
 
+import base64
+import json
+import uuid
+
 from celery import Celery
+from kombu import serialization
 
 from common import broker, redis_conn
 from common.settings import Settings, get_settings
@@ -56,11 +61,40 @@ def make_celery(settings: Settings | None = None, include: tuple[str, ...] = ())
     return app
 
 
+def _summary(record: dict) -> str:
+    params = record.get("params") or {}
+    return repr({"workflow": record["workflow"], "seed": params.get("seed"),
+                 "attempt": int(record.get("attempts", 0)) + 1})
+
+
 def send(celery: Celery, task_id: str, queue: str, record: dict) -> None:
     """Put a job on a GPU's queue. The message carries only the task id (the graphs are in the
     job's payload key), so a job moves to another GPU by a new message, and Flower lists a
     one-line summary instead of kilobytes of graph."""
-    params = record.get("params") or {}
-    celery.send_task(RUN_WORKFLOW, args=[task_id], task_id=task_id, queue=queue,
-                     kwargsrepr=repr({"workflow": record["workflow"], "seed": params.get("seed"),
-                                      "attempt": int(record.get("attempts", 0)) + 1}))
+    celery.send_task(RUN_WORKFLOW, args=[task_id], task_id=task_id, queue=queue, kwargsrepr=_summary(record))
+
+
+def message(celery: Celery, task_id: str, queue: str, record: dict) -> str:
+    """The message `send` would publish, as kombu's Redis transport stores it in the queue's list
+    (`keys.celery_queue`), for the submit script to push in the same step that creates the job
+    (common/task_store.py): a job is never queued without its message, nor the other way round,
+    and a submit skips kombu's per-publish connection handling. Celery builds the task message
+    (protocol 2) and kombu serialises the body; only the envelope, fixed by kombu's transport
+    (`Channel.prepare_message` and the anonymous exchange's `basic_publish`), is put together here.
+    tests/test_producer.py compares it with what `send` publishes."""
+    summary = _summary(record)
+    headers, properties, body, _ = celery.amqp.as_task_v2(task_id, RUN_WORKFLOW, args=[task_id], kwargs={},
+                                                          reply_to=celery.thread_oid, ignore_result=None,
+                                                          kwargsrepr=summary)
+    content_type, content_encoding, data = serialization.dumps(body, serializer="json")
+    if isinstance(data, str):
+        data = data.encode(content_encoding)
+    return json.dumps({
+        "body": base64.b64encode(data).decode(),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": headers,
+        "properties": {**properties, "kwargsrepr": summary, "delivery_mode": 2,
+                       "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+                       "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
+    })

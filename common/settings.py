@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     # Must exceed the longest job, or Redis redelivers a running job (Celery's known trap).
     visibility_timeout: float = Field(4 * 3600.0, gt=0, validation_alias="VISIBILITY_TIMEOUT")
     result_ttl: int = Field(7 * 24 * 3600, gt=0, validation_alias="RESULT_TTL", description="Task records expire.")
-    progress_interval: float = Field(0.2, ge=0, validation_alias="PROGRESS_INTERVAL")
+    progress_interval: float = Field(0.0, ge=0, validation_alias="PROGRESS_INTERVAL")
     comfyui_timeout: float = Field(10.0, gt=0, validation_alias="COMFYUI_TIMEOUT", description="Per HTTP call.")
 
     # The event stream (GET /api/v1/tasks/{id}/events) and each job's event log behind it.

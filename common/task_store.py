@@ -162,52 +162,58 @@ local callback = redis.call('HGET', KEYS[1], 'callback') or redis.call('HGET', K
 return {1, state, callback, event, cancel, record, payload, long}
 """
 
-# Creating a job (the `submit` transition), atomically with its admission checks. Its `queued`
+# Creating a job (the `submit` transition), atomically with its admission checks and its Celery
+# message (common/producer.message), so a job is never queued without its message. Its `queued`
 # event is not written: a waiting job has no event log (common/events.py `submitted`).
-# KEYS: [1] task, [2] payload, [3] the record's long values, [4] waiting, [5] load (the job's
-# queue), [6] active, [7] active (owner), [8] metric counters, then, optional, the caller's
-# idempotency key and the payload's compression dictionary (ARGV [13], [14] say where, 0 = none).
+# KEYS: [1] task, [2] payload, [3] the record's long values, [4] waiting, [5] load, [6] handed,
+# [7] running (the job's queue), [8] active, [9] active (owner), [10] metric counters, [11] the
+# queue's Celery list, then, optional, the caller's idempotency key and the payload's compression
+# dictionary (ARGV [14], [15] say where; 0 = none).
 # ARGV: [1] record TTL s, [2] payload (compressed), [3] enqueue time ms, [4] cost in thousandths,
 # [5] task id, [6] cap overall (0 = none), [7] cap per owner (0 = none), [8] idempotency value,
-# [9] idempotency TTL s, [10] (unused), [11] (unused), [12] counter field, [13] index of the
-# idempotency key, [14] index of the dictionary key, [15] the dictionary ('' = it must be there
-# already), [16] number of short values (2 × fields), [17] number of long ones, then the pairs.
-# Returns {1} created, {2, value} the idempotency key names a task already (nothing created),
-# {3, scope, active, cap} a cap is reached (nothing created), {4} the dictionary must be sent.
+# [9] idempotency TTL s, [10], [11] (unused), [12] counter field, [13] the Celery message ('' = the
+# caller sends it), [14] index of the idempotency key, [15] index of the dictionary key, [16] the
+# dictionary ('' = it must be there already), [17] number of short values (2 × fields), [18]
+# number of long ones, then the record's field/value pairs (short JSON; compressed JSON).
+# Returns {1, jobs ahead of it (running ones included)} created, {2, value} the idempotency key
+# names a task already (nothing created), {3, scope, active, cap} a cap is reached (nothing
+# created), {4} the dictionary must be sent (nothing created).
 _CREATE = """
-local idem, dict = tonumber(ARGV[13]), tonumber(ARGV[14])
+local idem, dict = tonumber(ARGV[14]), tonumber(ARGV[15])
 if idem > 0 then
   local existing = redis.call('GET', KEYS[idem])
   if existing then return {2, existing} end
 end
-if dict > 0 and ARGV[15] == '' and redis.call('EXISTS', KEYS[dict]) == 0 then return {4} end
+if dict > 0 and ARGV[16] == '' and redis.call('EXISTS', KEYS[dict]) == 0 then return {4} end
 local owner_cap, total_cap = tonumber(ARGV[7]), tonumber(ARGV[6])
-if owner_cap > 0 and redis.call('SCARD', KEYS[7]) >= owner_cap then
-  return {3, 'key', redis.call('SCARD', KEYS[7]), owner_cap}
+if owner_cap > 0 and redis.call('SCARD', KEYS[9]) >= owner_cap then
+  return {3, 'key', redis.call('SCARD', KEYS[9]), owner_cap}
 end
-if total_cap > 0 and redis.call('SCARD', KEYS[6]) >= total_cap then
-  return {3, 'service', redis.call('SCARD', KEYS[6]), total_cap}
+if total_cap > 0 and redis.call('SCARD', KEYS[8]) >= total_cap then
+  return {3, 'service', redis.call('SCARD', KEYS[8]), total_cap}
 end
 local ttl = tonumber(ARGV[1])
-local n_short, n_long = tonumber(ARGV[16]), tonumber(ARGV[17])
-redis.call('HSET', KEYS[1], unpack(ARGV, 18, 17 + n_short))
+local n_short, n_long = tonumber(ARGV[17]), tonumber(ARGV[18])
+redis.call('HSET', KEYS[1], unpack(ARGV, 19, 18 + n_short))
 redis.call('EXPIRE', KEYS[1], ttl)
 if n_long > 0 then
-  redis.call('HSET', KEYS[3], unpack(ARGV, 18 + n_short, 17 + n_short + n_long))
+  redis.call('HSET', KEYS[3], unpack(ARGV, 19 + n_short, 18 + n_short + n_long))
   redis.call('EXPIRE', KEYS[3], ttl)
 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
 -- The dictionary outlives every payload compressed against it: each submit extends it.
 if dict > 0 then
-  if ARGV[15] ~= '' then redis.call('SET', KEYS[dict], ARGV[15], 'EX', ttl) else redis.call('EXPIRE', KEYS[dict], ttl) end
+  if ARGV[16] ~= '' then redis.call('SET', KEYS[dict], ARGV[16], 'EX', ttl) else redis.call('EXPIRE', KEYS[dict], ttl) end
 end
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
 redis.call('INCRBY', KEYS[5], ARGV[4])
-redis.call('SADD', KEYS[6], ARGV[5])
-redis.call('SADD', KEYS[7], ARGV[5])
-redis.call('HINCRBY', KEYS[8], ARGV[12], 1)
+redis.call('SADD', KEYS[8], ARGV[5])
+redis.call('SADD', KEYS[9], ARGV[5])
+redis.call('HINCRBY', KEYS[10], ARGV[12], 1)
 if idem > 0 then redis.call('SET', KEYS[idem], ARGV[8], 'EX', tonumber(ARGV[9])) end
-return {1}
+if ARGV[13] ~= '' then redis.call('LPUSH', KEYS[11], ARGV[13]) end
+local ahead = redis.call('SCARD', KEYS[7]) + redis.call('ZCARD', KEYS[6]) + redis.call('ZRANK', KEYS[4], ARGV[5])
+return {1, ahead}
 """
 
 # Where a job stands in its GPU's line. KEYS: [1] waiting, [2] handed, [3] running of its queue.
@@ -340,7 +346,7 @@ class Outcome:
 @dataclass
 class Created:
     outcome: str  # created | replay | full
-    info: object = None
+    info: object = None  # created: jobs ahead of it; replay: the key's value; full: the cap
 
 
 @dataclass
@@ -438,21 +444,25 @@ class TaskStore:
 
     # Creating -----------------------------------------------------------------------------------
     def create(self, record: dict, payload: dict, *, max_active: int = 0, max_active_per_owner: int = 0,
-               idempotency: tuple[str, str, int] | None = None, dictionary: bytes | None = None) -> Created:
+               idempotency: tuple[str, str, int] | None = None, message: str = "",
+               dictionary: bytes | None = None) -> Created:
         """The `submit` transition: store a new waiting job, its graphs, its place in its queue
-        and in the active sets of its owner (`record["owner"]`) and of the service. `dictionary`:
-        the workflow's template the graphs are compressed against (stored once, then named).
+        and in the active sets of its owner (`record["owner"]`) and of the service, and push its
+        Celery `message` (common/producer.message) when one is given. `dictionary`: the
+        workflow's templates the graphs are compressed against (stored once, then named).
 
         One script checks and creates, so nothing is created when
         - `idempotency` = (key, value, ttl) is given and that key exists: ("replay", its value);
         - a cap (0 = none) is reached: ("full", {"scope": "key"|"service", "active", "limit"}).
-        Otherwise ("created", None); with `idempotency` the key is set to value for ttl seconds.
+        Otherwise ("created", jobs ahead of it on its GPU); with `idempotency` the key is set to
+        value for ttl seconds.
         """
         task_id, queue = record["task_id"], record["queue"]
         owner = record.setdefault("owner", "anonymous")
         record = {**record, "state": str(State.WAITING), "status": QUEUED}
         call_keys = [keys.task(task_id), keys.payload(task_id), keys.task_long(task_id), keys.waiting(queue),
-                     keys.load(queue), keys.active(), keys.active(owner), keys.METRIC_COUNTERS]
+                     keys.load(queue), keys.handed(queue), keys.running(queue), keys.active(), keys.active(owner),
+                     keys.METRIC_COUNTERS, keys.celery_queue(queue)]
         idem_value, idem_ttl, idem_at, dict_at = "", 0, 0, 0
         if idempotency is not None:
             idem_key, idem_value, idem_ttl = idempotency
@@ -464,7 +474,7 @@ class TaskStore:
         short, long = _encode(record, dictionary or compact.VOCABULARY)  # params repeat the templates
         head = [self.ttl, pack_payload(payload, dictionary), int(time.time() * 1000), cost_units(record.get("cost")),
                 task_id, int(max_active), int(max_active_per_owner), idem_value, int(idem_ttl), "", "",
-                metrics.submitted_field(record["workflow"]), idem_at, dict_at]
+                metrics.submitted_field(record["workflow"]), message, idem_at, dict_at]
         sent, pruned, info = "", False, {}  # the dictionary goes with a submit only when Redis lacks it
         for _ in range(3):
             result = self._create(keys=call_keys, args=[*head, sent, len(short), len(long), *short, *long])
@@ -482,7 +492,7 @@ class TaskStore:
                     pruned = True
                     continue
                 return Created("full", info)
-            return Created("created")
+            return Created("created", int(result[1]))
         return Created("full", info)
 
     def _prune(self, set_key: str) -> int:
