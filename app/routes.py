@@ -18,7 +18,7 @@ from common.dispatch import JobSpec, choose, healthy, known_checkpoints, waiting
 from common import producer
 from common import events, keys, metrics, webhooks
 from workflows import raw
-from workflows.render import render, resolve_seed
+from workflows.render import payload_dictionary, render, resolve_seed
 
 api = Blueprint("api", __name__)
 probes = Blueprint("probes", __name__)
@@ -195,6 +195,7 @@ def generate():
                                {"errors": [{"field": key, "message": "must match " + PIN_PATTERN.pattern,
                                             "type": "pattern"}]})
     task_id = str(uuid.uuid4())  # random: task ids cannot be guessed
+    dictionary = None
     if name == raw.NAME:
         rendered = _render_raw(body, task_id)
         payload = {"graph": rendered.api, "progress_repeats": {}}  # no editor graph for a raw one
@@ -208,6 +209,7 @@ def generate():
                                {"workflow": name, "errors": errors}) from None
         rendered = render(workflow, params, output_prefix=f"cs_{task_id}")
         payload = {"graph": rendered.api, "ui": rendered.ui, "progress_repeats": rendered.progress_repeats}
+        dictionary = _dictionary(workflow)
 
     job = JobSpec(workflow=name, cost=rendered.cost, checkpoint=rendered.checkpoint, **pin)
     known = _check_checkpoint_known(rendered.checkpoint) if rendered.checkpoint else None
@@ -250,7 +252,7 @@ def generate():
         try:
             created = svc.store.create(record, payload, max_active=svc.settings.max_active_jobs,
                                        max_active_per_owner=svc.settings.max_active_jobs_per_key,
-                                       idempotency=idempotency, message=queued_message)
+                                       idempotency=idempotency, message=queued_message, dictionary=dictionary)
         except Exception as exc:
             if not is_outage(exc):
                 raise
@@ -313,6 +315,16 @@ def _queued_unknown(task_id: str) -> ServiceError:
         "Redis failed while the job was being queued, and the service cannot tell whether it was: retry "
         "with the same Idempotency-Key to get exactly this job or a new one, or look it up"),
         {"task_id": task_id, "queued": "unknown"}, headers={"Retry-After": "5"})
+
+
+_DICTIONARIES: dict[str, bytes] = {}
+
+
+def _dictionary(workflow) -> bytes:
+    """The workflow's payload dictionary, built once per process (its templates are fixed)."""
+    if workflow.name not in _DICTIONARIES:
+        _DICTIONARIES[workflow.name] = payload_dictionary(workflow)
+    return _DICTIONARIES[workflow.name]
 
 
 class NotReplicated(Exception):

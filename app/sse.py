@@ -89,9 +89,9 @@ class _Streams:
 STREAMS = _Streams()
 
 
-def _stream(svc, task_id: str, after: str):
+def _stream(svc, task_id: str, after: str, first: events.Event | None = None):
     try:
-        yield from _follow(svc, task_id, after)
+        yield from _follow(svc, task_id, after, first)
     except redis.RedisError as exc:
         # Too late for an error document: end the stream; the client's reconnect gets the 503.
         log.warning("event stream of task %s ended: Redis unavailable (%s)", task_id, exc)
@@ -119,14 +119,21 @@ class _Body:
                 STREAMS.release()
 
 
-def _follow(svc, task_id: str, after: str):
+def _follow(svc, task_id: str, after: str, first: events.Event | None = None):
+    """`first`: the job's submit event, sent from the record while the job has no log yet."""
     settings = svc.settings
+    client = svc.events_redis or svc.redis
     yield f"retry: {RETRY_MS}\n\n"
     deadline = time.monotonic() + settings.sse_max_seconds
     last_write = time.monotonic()
     position: tuple | None = None  # (queue position, gpu) last sent
+    if first is not None and events.id_after(first.id, after) and not events.has_log(client, task_id):
+        data = _event_data(svc, task_id, first)
+        position = (data["queue_position"], data["gpu"])
+        yield frame(first.type, data, first.id)
+        after = first.id  # the log, once made, starts with this very entry
     while time.monotonic() < deadline:
-        batch = events.read(svc.events_redis or svc.redis, task_id, after, block_ms=BLOCK_MS)
+        batch = events.read(client, task_id, after, block_ms=BLOCK_MS)
         for event in batch:
             after = event.id
             if event.type in events.FINAL:
@@ -185,5 +192,6 @@ def task_events(task_id: str):
                            headers={"Retry-After": "5"})
     # The stream needs no request context (it is handed `svc`): the server iterates it after
     # this view returns and closes it when the stream ends or the client goes away.
-    return Response(_Body(_stream(svc, task_id, last or "0-0")), mimetype="text/event-stream",
+    first = events.submitted(record) if record["status"] == QUEUED else None
+    return Response(_Body(_stream(svc, task_id, last or "0-0", first)), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -23,6 +23,8 @@ from bench.harness import rendered, short_job, stack, summary
 from bench.throughput import QUEUE, _heartbeat
 from common import keys
 from common.task_store import TaskStore, now_iso
+from workflows.catalog import load_catalog
+from workflows.render import payload_dictionary
 
 GOAL = 1.2
 SCRIPTS = ("evalsha", "eval")
@@ -54,6 +56,7 @@ def _seed(s, jobs: int, threads: int = 4) -> float:
     graphs = rendered(body, "cs_seed")
     payload = {"graph": graphs.api, "ui": graphs.ui, "progress_repeats": graphs.progress_repeats}
     store = TaskStore(s.redis, ttl=7 * 86400)
+    dictionary = payload_dictionary(load_catalog()[graphs.workflow])  # as the API compresses them
 
     def create(n: int) -> None:
         for _ in range(n):
@@ -63,7 +66,7 @@ def _seed(s, jobs: int, threads: int = 4) -> float:
                       "created_ms": int(time.time() * 1000), "expected_images": graphs.expected_images,
                       "cancel_requested": False, "cost": graphs.cost, "checkpoint": graphs.checkpoint, "pin": {},
                       "attempts": 0, "attempt_log": []}
-            if store.create(record, payload).outcome != "created":
+            if store.create(record, payload, dictionary=dictionary).outcome != "created":
                 raise RuntimeError("seeding: a job was not created")
     t0 = time.monotonic()
     with ThreadPoolExecutor(threads) as pool:

@@ -22,6 +22,7 @@ import redis
 import requests
 
 from common import keys
+from common.task_store import read_record
 
 from tests.support.api import story
 from tests.support.fleet import Fleet, Proc
@@ -117,8 +118,7 @@ class Stack:
 
     def record(self, task_id: str) -> dict:
         """The task record as the service keeps it in Redis (prompt id, queue, timestamps)."""
-        raw = self.redis.hgetall(keys.task(task_id))
-        return {k.decode(): json.loads(v) for k, v in raw.items()}
+        return read_record(self.redis, task_id) or {}
 
     def wait_records(self, task_ids: list[str], statuses=("succeeded", "failed", "cancelled"),
                      timeout: float = 120.0, interval: float = 0.1) -> list[dict]:

@@ -3,10 +3,10 @@
 The API under gunicorn, one worker and one simulator. Redis' `used_memory` (INFO memory) is read
 before and after N jobs, divided by N:
 - waiting: the worker is frozen (SIGSTOP) while N jobs are submitted, so each one waits in its
-  queue: record, graphs, Celery message, event log, indexes;
+  queue: record, graphs, Celery message, indexes (and its event log, had it one yet);
 - finished, while its event log is kept (EVENTS_TTL): after the worker thaws and all succeed;
 - finished, for RESULT_TTL: once the event logs expired (this stack runs EVENTS_TTL=2 s): the
-  record with its result, and the job's log list.
+  record with its result (and the job's log list, had it stayed in Redis).
 Baseline in the same run: the Redis of the same stack before any job (what the fleet itself
 takes), subtracted. Jobs are StoryDiffusion, 2 characters and 4 scenes at 768×768.
 """
@@ -34,7 +34,8 @@ def _used(s) -> int:
 
 def _breakdown(s, task_id: str) -> dict[str, int]:
     out = {}
-    for name, key in (("record", keys.task(task_id)), ("graphs", keys.payload(task_id)),
+    for name, key in (("record", keys.task(task_id)), ("record's long values", keys.task_long(task_id)),
+                      ("graphs", keys.payload(task_id)),
                       ("event log", keys.events(task_id)), ("log lines", keys.logs(task_id))):
         size = s.redis.memory_usage(key, samples=0)
         if size:

@@ -11,6 +11,12 @@ Last-Event-ID reads on from exactly there.
 The log lives as long as the record while the job runs; once it ends it is kept for
 EVENTS_TTL only (progress events are most of it), after which a finished job's stream is
 served from its record alone.
+
+A job that only waits has no log: a stream holding one entry costs ~4.7 KB of Redis (its first
+node is allocated whole), more than the rest of a waiting job. Its `queued` event from the
+submit is `submitted(record)`, made from the record with the id (`<created_ms>-0`) under which
+the job's next transition writes it, first, into the log it then creates (common/task_store.py).
+Readers replay it from the record while there is no log, and from the log once there is one.
 """
 from __future__ import annotations
 
@@ -65,3 +71,19 @@ def read(client: redis.Redis, task_id: str, after: str = "0-0", count: int = 200
     """Events after `after` (oldest first); with `block_ms`, wait that long for the first one."""
     reply = client.xread({events_key(task_id): after}, count=count, block=block_ms)
     return _decode(reply[0][1]) if reply else []
+
+
+def submitted_id(record: dict) -> str:
+    """The id of a job's submit event (its log's first entry, once it has a log)."""
+    created = record.get("created_ms")
+    return f"{int(created)}-0" if created else "0-1"
+
+
+def submitted(record: dict) -> Event:
+    """A job's submit event, as its log will hold it: on the queue it waits on (a move to
+    another queue is an event, which writes the log)."""
+    return Event(submitted_id(record), QUEUED, {"queue": record["queue"]})
+
+
+def has_log(client: redis.Redis, task_id: str) -> bool:
+    return bool(client.exists(events_key(task_id)))

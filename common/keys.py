@@ -11,17 +11,30 @@ PREFIX = "cs:"
 
 # One job -----------------------------------------------------------------------------------
 def task(task_id: str) -> str:
-    """The task record: a hash of JSON values (common/task_store.py)."""
+    """The task record: a hash of short JSON values (common/task_store.py)."""
     return f"{PREFIX}task:{task_id}"
 
 
+def task_long(task_id: str) -> str:
+    """The record's long values (params, result, error, ...), each compressed JSON: kept apart so
+    the record's own hash stays a compact listpack (common/task_store.py)."""
+    return f"{PREFIX}taskz:{task_id}"
+
+
 def payload(task_id: str) -> str:
-    """The rendered graphs the job runs (JSON)."""
+    """The rendered graphs the job runs (compressed JSON)."""
     return f"{PREFIX}payload:{task_id}"
 
 
+def payload_dictionary(dict_id: int) -> str:
+    """A workflow's template, the preset dictionary its jobs' graphs are compressed against
+    (named by its zlib dictionary id, the Adler-32 that each compressed payload names)."""
+    return f"{PREFIX}zdict:{dict_id:08x}"
+
+
 def events(task_id: str) -> str:
-    """The job's event log: a stream the event stream (SSE) and webhooks read."""
+    """The job's event log: a stream the event stream (SSE) and DELETE read. A waiting job has
+    none until its next event (common/events.py)."""
     return f"{PREFIX}events:{task_id}"
 
 

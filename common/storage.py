@@ -15,11 +15,20 @@ from common.settings import Settings
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif",
               "video/mp4": "mp4", "video/webm": "webm", "audio/flac": "flac", "audio/wav": "wav"}
-_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}/[0-9]{1,3}_[0-9]{1,6}\.[a-z0-9]{1,5}$")
+_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}/([0-9]{1,3}_[0-9]{1,6}|log)\.[a-z0-9]{1,5}$")
+LOG_CONTENT_TYPE = "application/x-ndjson"
 
 
 def make_key(task_id: str, index: int, content_type: str, attempt: int = 1) -> str:
     key = f"{task_id}/{attempt}_{index}.{EXTENSIONS.get(content_type, 'bin')}"
+    if not _KEY.match(key):
+        raise ValueError(f"refusing to build a storage key from {task_id!r}")
+    return key
+
+
+def log_key(task_id: str) -> str:
+    """Where a finished job's log lines go (JSON lines), out of Redis (workers/joblogs.py)."""
+    key = f"{task_id}/log.jsonl"
     if not _KEY.match(key):
         raise ValueError(f"refusing to build a storage key from {task_id!r}")
     return key

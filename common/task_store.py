@@ -1,13 +1,18 @@
 """Task records in Redis, changed only by the transitions common/lifecycle.py declares.
 
-A record is a Redis hash of JSON values (`keys.task`). One Lua script applies any transition:
-it checks the record's state against the transition's sources (from the table, passed in), the
+A record is a Redis hash of short JSON values (`keys.task`) and, beside it, a hash of its long
+values (params, result, error, ...), each zlib-compressed JSON against a preset dictionary
+(`keys.task_long`, common/compact.py): a hash with one value over 64 bytes (Redis' default
+`hash-max-listpack-value`, which managed Redis often fixes) leaves the compact listpack encoding
+and costs about twice the memory. The fields a script reads stay in the record's own hash
+whatever their length (`HASH_FIELDS`). One Lua script applies any transition: it checks the record's state against the transition's sources (from the table, passed in), the
 queue the caller expects, and for owned transitions the worker instance, then in the same step
 - moves the job between its queue's indexes (waiting / handed / running, `common/keys.py`) and
   keeps the queue's counters in `keys.QUEUE_COUNTS` (jobs per index, and their total cost) with
   them, so reading the whole fleet's backlog is one command whatever its size;
 - appends the transition's event to the job's event log (`keys.events`), so the event stream
-  and webhooks see exactly the transitions the record went through;
+  sees exactly the transitions the record went through; a waiting job's log is made by its
+  next event, which writes the submit event first (a stream costs ~4.7 KB: common/events.py);
 - on a final state: leaves the active sets (job caps), deletes the graphs (`keys.payload`),
   expires the event log after EVENTS_TTL, owes a final webhook (`keys.WEBHOOKS_PENDING`) and
   counts the job's metrics.
@@ -21,7 +26,6 @@ import functools
 import json
 import logging
 import time
-import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterable
@@ -29,7 +33,7 @@ from typing import Callable, Iterable
 import redis
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from common import keys, lifecycle, metrics
+from common import compact, keys, lifecycle, metrics
 from common.lifecycle import State, Status
 
 log = logging.getLogger("comfy.tasks")
@@ -58,15 +62,17 @@ end
 
 # KEYS: [1] task, [2] events, [3] payload, [4] webhooks pending, [5] active (service),
 # [6] active (owner), [7-9] the queue the job is on: waiting, handed, running, [10-12] the queue
-# it goes to (the same keys when it stays), [13] keys.QUEUE_COUNTS, [14..] metric keys.
+# it goes to (the same keys when it stays), [13] keys.QUEUE_COUNTS, [14] the record's long values,
+# [15..] metric keys.
 # ARGV: [1] task id, [2] JSON list of source states ([] = the job must not exist: never here),
 # [3] target state ('' = stay), [4] target status, [5] event type ('' = none), [6] event data
 # JSON, [7] queue the job must be on ('' = any), [8] queue it goes to, [9] worker instance that
 # must own it when handed or running ('' = no check), [10] owner, [11] now ms, [12] seconds a
 # finished job's log is kept, [13] MAXLEN of the log, [14] '1': return the record and payload,
-# [15] number of metric operations N, then N × (op, key index, field, value), then the record's
-# field/value pairs to set (JSON values).
-# Returns {applied, state before, callback JSON, event id, cancel requested, record, payload}.
+# [15] number of metric operations N, then N × (op, key index, field, value), then the number of
+# values to set in the record's hash (2 × fields) and in its long values' hash, then those
+# field/value pairs (short JSON; compressed JSON).
+# Returns {applied, state before, callback, event id, cancel requested, record, payload, long values}.
 _TRANSITION = _COUNTERS_LUA + """
 local raw_state = redis.call('HGET', KEYS[1], 'state')
 local state
@@ -74,7 +80,7 @@ if raw_state then
   state = cjson.decode(raw_state)
 else
   local status = redis.call('HGET', KEYS[1], 'status')
-  if not status then return {0, '', '', '', '0', false, false} end
+  if not status then return {0, '', '', '', '0', false, false, false} end
   status = cjson.decode(status)
   if status == 'queued' then state = 'waiting' else state = status end
 end
@@ -88,7 +94,7 @@ if ok and ARGV[9] ~= '' and (state == 'handed' or state == 'running') then
 end
 local cancel = redis.call('HGET', KEYS[1], 'cancel_requested')
 cancel = (cancel == 'true') and '1' or '0'
-if not ok then return {0, state, '', '', cancel, false, false} end
+if not ok then return {0, state, '', '', cancel, false, false, false} end
 local id, target, now = ARGV[1], ARGV[3], tonumber(ARGV[11])
 local final = target == 'succeeded' or target == 'failed' or target == 'cancelled'
 if target ~= '' then
@@ -122,9 +128,31 @@ for _ = 1, n do
   elseif op == 'set' then redis.call('SET', key, v) end
   i = i + 4
 end
-if #ARGV >= i then redis.call('HSET', KEYS[1], unpack(ARGV, i)) end
+local n_short, n_long = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+i = i + 2
+-- A field lives on one side only: set on one, it leaves the other.
+local function place(key, other, first, count)
+  if count == 0 then return end
+  redis.call('HSET', key, unpack(ARGV, first, first + count - 1))
+  local names = {}
+  for j = first, first + count - 1, 2 do names[#names + 1] = ARGV[j] end
+  redis.call('HDEL', other, unpack(names))
+end
+place(KEYS[1], KEYS[14], i, n_short)
+place(KEYS[14], KEYS[1], i + n_short, n_long)
+if n_long > 0 then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[14], ttl) end
+end
 local event = ''
 if ARGV[5] ~= '' then
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    -- A waiting job has no log yet: its submit event goes first, with the id readers gave it
+    -- (common/events.py `submitted`), on the queue it was submitted to (this one: every move adds an event).
+    local created = redis.call('HGET', KEYS[1], 'created_ms')
+    local first = (created and created:match('^%d+$')) and (created .. '-0') or '0-1'
+    redis.call('XADD', KEYS[2], first, 'type', 'queued', 'data', cjson.encode({queue = queue}))
+  end
   event = redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[13]), '*', 'type', ARGV[5], 'data', ARGV[6])
 end
 if final then
@@ -138,36 +166,45 @@ if final then
   -- Nothing runs the graphs again (a requeue never starts from a final state).
   redis.call('DEL', KEYS[3])
   -- A final webhook is owed from now until the webhook worker settles it (the monitor re-sends).
-  local callback = redis.call('HGET', KEYS[1], 'callback')
+  local callback = redis.call('HGET', KEYS[1], 'callback') or redis.call('HGET', KEYS[14], 'callback')
   if callback and callback ~= 'null' then redis.call('ZADD', KEYS[4], now, id) end
 elseif event ~= '' then
   local ttl = redis.call('PTTL', KEYS[1])
   if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 end
-local record, payload = false, false
+local record, payload, long = false, false, false
 if ARGV[14] == '1' then
   record = redis.call('HGETALL', KEYS[1])
   payload = redis.call('GET', KEYS[3])
+  long = redis.call('HGETALL', KEYS[14])
 end
-return {1, state, redis.call('HGET', KEYS[1], 'callback') or '', event, cancel, record, payload}
+local callback = redis.call('HGET', KEYS[1], 'callback') or redis.call('HGET', KEYS[14], 'callback') or ''
+return {1, state, callback, event, cancel, record, payload, long}
 """
 
 # Creating a job (the `submit` transition), atomically with its admission checks and its Celery
-# message (common/producer.message), so a job is never queued without its message.
-# KEYS: [1] task, [2] payload, [3] events, [4] waiting (the job's queue), [5] keys.QUEUE_COUNTS,
-# [6] active, [7] active (owner), [8] metric counters, [9] the queue's Celery list,
-# [10] (optional) the caller's idempotency key.
-# ARGV: [1] record TTL s, [2] payload JSON, [3] enqueue time ms, [4] cost in thousandths,
+# message (common/producer.message), so a job is never queued without its message. Its `queued`
+# event is not written: a waiting job has no event log (common/events.py `submitted`).
+# KEYS: [1] task, [2] payload, [3] the record's long values, [4] waiting (the job's queue),
+# [5] keys.QUEUE_COUNTS, [6] active, [7] active (owner), [8] metric counters, [9] the queue's
+# Celery list, then, optional, the caller's idempotency key and the payload's compression
+# dictionary (ARGV [14], [15] say where; 0 = none).
+# ARGV: [1] record TTL s, [2] payload (compressed), [3] enqueue time ms, [4] cost in thousandths,
 # [5] task id, [6] cap overall (0 = none), [7] cap per owner (0 = none), [8] idempotency value,
-# [9] idempotency TTL s, [10] event data JSON, [11] MAXLEN, [12] counter field, [13] the Celery
-# message ('' = the caller sends it), [14] the queue, then the record's field/value pairs.
+# [9] idempotency TTL s, [10] the queue, [11] (unused), [12] counter field, [13] the Celery message ('' = the
+# caller sends it), [14] index of the idempotency key, [15] index of the dictionary key, [16] the
+# dictionary ('' = it must be there already), [17] number of short values (2 × fields), [18]
+# number of long ones, then the record's field/value pairs (short JSON; compressed JSON).
 # Returns {1, jobs ahead of it (running ones included)} created, {2, value} the idempotency key
-# names a task already (nothing created), {3, scope, active, cap} a cap is reached (nothing created).
+# names a task already (nothing created), {3, scope, active, cap} a cap is reached (nothing
+# created), {4} the dictionary must be sent (nothing created).
 _CREATE = _COUNTERS_LUA + """
-if #KEYS >= 10 then
-  local existing = redis.call('GET', KEYS[10])
+local idem, dict = tonumber(ARGV[14]), tonumber(ARGV[15])
+if idem > 0 then
+  local existing = redis.call('GET', KEYS[idem])
   if existing then return {2, existing} end
 end
+if dict > 0 and ARGV[16] == '' and redis.call('EXISTS', KEYS[dict]) == 0 then return {4} end
 local owner_cap, total_cap = tonumber(ARGV[7]), tonumber(ARGV[6])
 if owner_cap > 0 and redis.call('SCARD', KEYS[7]) >= owner_cap then
   return {3, 'key', redis.call('SCARD', KEYS[7]), owner_cap}
@@ -176,19 +213,26 @@ if total_cap > 0 and redis.call('SCARD', KEYS[6]) >= total_cap then
   return {3, 'service', redis.call('SCARD', KEYS[6]), total_cap}
 end
 local ttl = tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 15))
+local n_short, n_long = tonumber(ARGV[17]), tonumber(ARGV[18])
+redis.call('HSET', KEYS[1], unpack(ARGV, 19, 18 + n_short))
 redis.call('EXPIRE', KEYS[1], ttl)
+if n_long > 0 then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 19 + n_short, 18 + n_short + n_long))
+  redis.call('EXPIRE', KEYS[3], ttl)
+end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
-local c = counters(KEYS[5], ARGV[14])
+-- The dictionary outlives every payload compressed against it: each submit extends it.
+if dict > 0 then
+  if ARGV[16] ~= '' then redis.call('SET', KEYS[dict], ARGV[16], 'EX', ttl) else redis.call('EXPIRE', KEYS[dict], ttl) end
+end
+local c = counters(KEYS[5], ARGV[10])
 c[1] = c[1] + redis.call('ZADD', KEYS[4], ARGV[3], ARGV[5])
 c[4] = c[4] + tonumber(ARGV[4])
-store_counters(KEYS[5], ARGV[14], c)
+store_counters(KEYS[5], ARGV[10], c)
 redis.call('SADD', KEYS[6], ARGV[5])
 redis.call('SADD', KEYS[7], ARGV[5])
 redis.call('HINCRBY', KEYS[8], ARGV[12], 1)
-if #KEYS >= 10 then redis.call('SET', KEYS[10], ARGV[8], 'EX', tonumber(ARGV[9])) end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', tonumber(ARGV[11]), '*', 'type', 'queued', 'data', ARGV[10])
-redis.call('EXPIRE', KEYS[3], ttl)
+if idem > 0 then redis.call('SET', KEYS[idem], ARGV[8], 'EX', tonumber(ARGV[9])) end
 if ARGV[13] ~= '' then redis.call('LPUSH', KEYS[9], ARGV[13]) end
 -- Jobs ahead of it: the queue's running and handed ones (its counters), then its rank in line.
 return {1, c[3] + c[2] + redis.call('ZRANK', KEYS[4], ARGV[5])}
@@ -225,10 +269,21 @@ end
 return adopted
 """
 
-# The webhook worker's record of a final delivery. KEYS: [1] task, [2] webhooks pending.
-# ARGV: [1] task id, [2] delivery state JSON, [3] '' = settled, else when to look again (ms).
+# The webhook worker's record of a final delivery. KEYS: [1] task, [2] webhooks pending, [3] the
+# record's long values. ARGV: [1] task id, [2] delivery state JSON, [3] '' = settled, else when to
+# look again (ms), [4] '1': the state is long (compressed: it goes beside the record).
 _WEBHOOK_STATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'webhook', ARGV[2]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if ARGV[4] == '1' then
+    redis.call('HSET', KEYS[3], 'webhook', ARGV[2])
+    redis.call('HDEL', KEYS[1], 'webhook')
+    local ttl = redis.call('PTTL', KEYS[1])
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+  else
+    redis.call('HSET', KEYS[1], 'webhook', ARGV[2])
+    redis.call('HDEL', KEYS[3], 'webhook')
+  end
+end
 if ARGV[3] == '' then redis.call('ZREM', KEYS[2], ARGV[1]) else redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1]) end
 return 1
 """
@@ -242,36 +297,68 @@ def _json(value) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _encode(fields: dict) -> list[str]:
-    flat: list[str] = []
+# Redis' default hash-max-listpack-value: a hash holding one longer value is a hashtable.
+SHORT_VALUE = 64
+# Read from the record's own hash by a script or directly (app/sse.py): kept there, however long.
+HASH_FIELDS = frozenset({"state", "status", "queue", "worker", "cancel_requested", "cost", "created_ms",
+                         "final_event", "gpu", "task_id", "owner"})
+
+
+def _encode(fields: dict, dictionary: bytes = compact.VOCABULARY) -> tuple[list, list]:
+    """A record's fields as (short, long) flat field/value lists: JSON in the record's hash, and
+    compressed JSON (against `dictionary`: common/compact.py) in its long values' hash."""
+    short: list = []
+    long: list = []
     for name, value in fields.items():
-        flat += [name, _json(value)]
-    return flat
+        text = _json(value)
+        if len(text) <= SHORT_VALUE or name in HASH_FIELDS:
+            short += [name, text]
+        else:
+            long += [name, compact.pack(text.encode(), dictionary)]
+    return short, long
 
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def decode_record(raw) -> dict:
-    """A record from HGETALL (a dict) or from a script (a flat list)."""
+def _pairs(raw) -> dict:
     if isinstance(raw, list):
-        raw = dict(zip(raw[::2], raw[1::2]))
-    return {_text(k): json.loads(v) for k, v in raw.items()}
+        return dict(zip(raw[::2], raw[1::2]))
+    return raw or {}
 
 
-def pack_payload(payload: dict) -> bytes:
-    """The graphs a job runs, as stored: zlib-compressed JSON (a quarter of the bytes; the editor
-    graph embedded in the PNGs is most of it)."""
-    return zlib.compress(json.dumps(payload, separators=(",", ":")).encode(), 6)
+def decode_record(raw, long=None, dictionaries: compact.Dictionaries | None = None) -> dict:
+    """A record from HGETALL (a dict) or from a script (a flat list), with its long values (the
+    same shapes; `dictionaries` reads them when one names a workflow's dictionary)."""
+    record = {_text(k): json.loads(v) for k, v in _pairs(raw).items()}
+    if long:
+        dictionaries = dictionaries or compact.Dictionaries(None)
+        for name, value in _pairs(long).items():
+            record.setdefault(_text(name), dictionaries.unpack(value))
+    return record
+
+
+def read_record(client: redis.Redis, task_id: str) -> dict | None:
+    """One record as the service keeps it (for tools and tests that read Redis directly)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.task(task_id))
+    pipe.hgetall(keys.task_long(task_id))
+    raw, long = pipe.execute()
+    return decode_record(raw, long, compact.Dictionaries(client)) if raw else None
+
+
+def pack_payload(payload: dict, dictionary: bytes | None = None) -> bytes:
+    """The graphs a job runs, as stored: zlib-compressed JSON, against its workflow's templates
+    when given (`dictionary`, stored once under `keys.payload_dictionary`): a tenth of the bytes
+    of compressing them alone."""
+    return compact.pack(payload, dictionary, level=9 if dictionary else 6)
 
 
 def unpack_payload(raw: bytes | str | None) -> dict | None:
-    if not raw:
-        return None
-    if isinstance(raw, str):
-        raw = raw.encode()
-    return json.loads(raw if raw[:1] == b"{" else zlib.decompress(raw))  # plain JSON: stored before compression
+    """A stored payload compressed alone, or plain JSON (stored before compression); one compressed
+    against a workflow's dictionary needs Redis: `TaskStore.payload`."""
+    return compact.Dictionaries(None).unpack(raw)
 
 
 def parse_queue_counts(raw: dict) -> dict[str, tuple[int, int, int, int]]:
@@ -345,11 +432,11 @@ class TaskStore:
         self._position = client.register_script(_POSITION)
         self._webhook_state = client.register_script(_WEBHOOK_STATE)
         self._adopt = client.register_script(_ADOPT)
+        self.dictionaries = compact.Dictionaries(client)  # what compressed values were compressed against
 
     # Reading ------------------------------------------------------------------------------------
     def get(self, task_id: str) -> dict | None:
-        raw = self.redis.hgetall(keys.task(task_id))
-        return decode_record(raw) if raw else None
+        return read_record(self.redis, task_id)
 
     def exists(self, task_id: str) -> bool:
         return bool(self.redis.exists(keys.task(task_id)))
@@ -358,10 +445,20 @@ class TaskStore:
         pipe = self.redis.pipeline(transaction=False)
         for task_id in task_ids:
             pipe.hgetall(keys.task(task_id))
-        return [decode_record(raw) if raw else None for raw in pipe.execute()]
+            pipe.hgetall(keys.task_long(task_id))
+        replies = pipe.execute()
+        return [decode_record(raw, long, self.dictionaries) if raw else None
+                for raw, long in zip(replies[::2], replies[1::2])]
 
     def payload(self, task_id: str) -> dict | None:
-        return unpack_payload(self.redis.get(keys.payload(task_id)))
+        return self._unpack(self.redis.get(keys.payload(task_id)))
+
+    def _unpack(self, raw: bytes | None) -> dict | None:
+        try:
+            return self.dictionaries.unpack(raw)
+        except LookupError as exc:  # its dictionary is gone: as good as no graphs (the job fails, says so)
+            log.error("graphs unreadable: %s", exc)
+            return None
 
     def queue_position(self, queue: str, task_id: str) -> int | None:
         """How many jobs are ahead of this one on its GPU, the running one included (0: it is
@@ -384,6 +481,14 @@ class TaskStore:
     def taken(self, queue: str) -> list[str]:
         """Jobs a worker of this queue has (handed or running)."""
         return [*self.handed(queue), *self.running(queue)]
+
+    def active_count(self, owner: str | None = None) -> int:
+        """Jobs not yet finished: of `owner`, or of the whole service."""
+        return int(self.redis.scard(keys.active(owner)))
+
+    def last_event_id(self, task_id: str) -> str:
+        entries = self.redis.xrevrange(keys.events(task_id), count=1)
+        return _text(entries[0][0]) if entries else "0-0"
 
     def queue_counts(self) -> dict[str, tuple[int, int, int, int]]:
         """Every queue's counters (`keys.QUEUE_COUNTS`) in one read: queue → jobs waiting,
@@ -409,10 +514,12 @@ class TaskStore:
 
     # Creating -----------------------------------------------------------------------------------
     def create(self, record: dict, payload: dict, *, max_active: int = 0, max_active_per_owner: int = 0,
-               idempotency: tuple[str, str, int] | None = None, message: str = "") -> Created:
+               idempotency: tuple[str, str, int] | None = None, message: str = "",
+               dictionary: bytes | None = None) -> Created:
         """The `submit` transition: store a new waiting job, its graphs, its place in its queue
         and in the active sets of its owner (`record["owner"]`) and of the service, and push its
-        Celery `message` (common/producer.message) when one is given.
+        Celery `message` (common/producer.message) when one is given. `dictionary`: the
+        workflow's templates the graphs are compressed against (stored once, then named).
 
         One script checks and creates, so nothing is created when
         - `idempotency` = (key, value, ttl) is given and that key exists: ("replay", its value);
@@ -423,26 +530,36 @@ class TaskStore:
         task_id, queue = record["task_id"], record["queue"]
         owner = record.setdefault("owner", "anonymous")
         record = {**record, "state": str(State.WAITING), "status": QUEUED}
-        call_keys = [keys.task(task_id), keys.payload(task_id), keys.events(task_id), keys.waiting(queue),
+        call_keys = [keys.task(task_id), keys.payload(task_id), keys.task_long(task_id), keys.waiting(queue),
                      keys.QUEUE_COUNTS, keys.active(), keys.active(owner), keys.METRIC_COUNTERS,
                      keys.celery_queue(queue)]
-        idem_value, idem_ttl = "", 0
+        idem_value, idem_ttl, idem_at, dict_at = "", 0, 0, 0
         if idempotency is not None:
             idem_key, idem_value, idem_ttl = idempotency
             call_keys.append(idem_key)
-        args = [self.ttl, pack_payload(payload), int(time.time() * 1000), cost_units(record.get("cost")), task_id,
-                int(max_active), int(max_active_per_owner), idem_value, int(idem_ttl), _json({"queue": queue}),
-                MAX_EVENTS, metrics.submitted_field(record["workflow"]), message, queue, *_encode(record)]
-        for attempt in range(2):
-            result = self._create(keys=call_keys, args=args)
+            idem_at = len(call_keys)
+        if dictionary:
+            call_keys.append(keys.payload_dictionary(compact.dictionary_id(dictionary)))
+            dict_at = len(call_keys)
+        short, long = _encode(record, dictionary or compact.VOCABULARY)  # params repeat the templates
+        head = [self.ttl, pack_payload(payload, dictionary), int(time.time() * 1000), cost_units(record.get("cost")),
+                task_id, int(max_active), int(max_active_per_owner), idem_value, int(idem_ttl), queue, "",
+                metrics.submitted_field(record["workflow"]), message, idem_at, dict_at]
+        sent, pruned, info = "", False, {}  # the dictionary goes with a submit only when Redis lacks it
+        for _ in range(3):
+            result = self._create(keys=call_keys, args=[*head, sent, len(short), len(long), *short, *long])
             outcome = int(result[0])
+            if outcome == 4:
+                sent = dictionary
+                continue
             if outcome == 2:
                 return Created("replay", _text(result[1]))
             if outcome == 3:
                 info = {"scope": _text(result[1]), "active": int(result[2]), "limit": int(result[3])}
                 # A member whose record expired without a final transition would hold a slot for
                 # good: prune such members once, then ask again.
-                if attempt == 0 and self._prune(keys.active(owner) if info["scope"] == "key" else keys.active()):
+                if not pruned and self._prune(keys.active(owner) if info["scope"] == "key" else keys.active()):
+                    pruned = True
                     continue
                 return Created("full", info)
             return Created("created", int(result[1]))
@@ -517,21 +634,24 @@ class TaskStore:
         for op, key, fname, value in metric_ops:
             if key not in metric_keys:
                 metric_keys.append(key)
-            ops += [op, str(14 + metric_keys.index(key)), fname, str(value)]
+            ops += [op, str(15 + metric_keys.index(key)), fname, str(value)]
         call_keys = [keys.task(task_id), keys.events(task_id), keys.payload(task_id), keys.WEBHOOKS_PENDING,
                      keys.active(), keys.active(owner), *keys.queue_keys(queue), *keys.queue_keys(to_queue),
-                     keys.QUEUE_COUNTS, *metric_keys]
+                     keys.QUEUE_COUNTS, keys.task_long(task_id), *metric_keys]
+        short, long = _encode(fields or {})
         args = [task_id, _json(sorted(str(s) for s in spec.sources)), str(target) if target else "",
                 str(lifecycle.status_of(target)) if target else "", spec.event or "", _json(event or {}),
                 queue, to_queue, must_own, owner, int(time.time() * 1000), int(self.events_ttl), MAX_EVENTS,
-                "1" if want_record else "0", len(metric_ops), *ops, *_encode(fields or {})]
-        applied, before, callback, event_id, cancel, record, payload = self._transition(keys=call_keys, args=args)
+                "1" if want_record else "0", len(metric_ops), *ops, len(short), len(long), *short, *long]
+        applied, before, callback, event_id, cancel, record, payload, long = self._transition(keys=call_keys,
+                                                                                             args=args)
         before = _text(before)
         outcome = Outcome(
             applied=bool(applied), before=State(before) if before else None,
-            callback=json.loads(callback) if callback else None, event_id=_text(event_id) or None,
+            callback=self.dictionaries.unpack(callback or None), event_id=_text(event_id) or None,
             cancel_requested=_text(cancel) == "1",
-            record=decode_record(record) if record else None, payload=unpack_payload(payload))
+            record=decode_record(record, long, self.dictionaries) if record else None,
+            payload=self._unpack(payload or None))
         if outcome.applied and target is not None and outcome.callback and self.notify is not None:
             status = str(lifecycle.status_of(target))
             if status != str(lifecycle.status_of(outcome.before)) or spec.event == "started":
@@ -574,5 +694,8 @@ class TaskStore:
 
     def webhook_state(self, task_id: str, state: dict, retry_at_ms: int | None) -> None:
         """The webhook worker's record of a final delivery; `retry_at_ms` None: settled."""
-        self._webhook_state(keys=[keys.task(task_id), keys.WEBHOOKS_PENDING],
-                            args=[task_id, _json(state), "" if retry_at_ms is None else int(retry_at_ms)])
+        short, long = _encode({"webhook": state})
+        value = long[1] if long else short[1]
+        self._webhook_state(keys=[keys.task(task_id), keys.WEBHOOKS_PENDING, keys.task_long(task_id)],
+                            args=[task_id, value, "" if retry_at_ms is None else int(retry_at_ms),
+                                  "1" if long else "0"])

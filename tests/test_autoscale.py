@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from common import keys
+from common.task_store import read_record
 from tests.support.api import story, submit, wait_status
 from tests.support.procs import RedisServer, free_port, interrupt, wait_until
 
@@ -45,7 +46,7 @@ def _executions(path: Path) -> dict[str, list[dict]]:
 
 
 def records_of(client, tasks: list[str]) -> list[dict]:
-    return [{k.decode(): json.loads(v) for k, v in client.hgetall(keys.task(t)).items()} for t in tasks]
+    return [read_record(client, t) or {} for t in tasks]
 
 
 def _sims(stack: subprocess.Popen) -> list[psutil.Process]:

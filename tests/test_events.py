@@ -132,6 +132,32 @@ def test_stream_of_a_waiting_job_updates_its_position_and_ends_cancelled(fleet):
     assert seen[-1][1] == "cancelled" and seen[-1][2]["status"] == "cancelled"
 
 
+def test_a_waiting_job_has_no_event_log_and_its_stream_is_the_same_without_one(fleet):
+    # A one-entry stream costs ~4.7 KB: a job that only waits has none. Its submit event comes
+    # from its record, with the id its next transition writes it under, first, into the log.
+    client = redis.Redis.from_url(fleet.redis.url)
+    running = [submit(fleet.url, story(steps=100)) for _ in range(2)]  # the worker's two slots, for long
+    target = submit(fleet.url, story(steps=40))
+    try:
+        wait_until(lambda: requests.get(f"{fleet.url}/api/v1/tasks/{target['task_id']}", timeout=5).json()[
+            "queue_position"] == 2, 10, what="the target to wait behind two")
+        assert not client.exists(f"cs:events:{target['task_id']}")
+        created_ms = json.loads(client.hget(f"cs:task:{target['task_id']}", "created_ms"))
+        first = read_events(stream(fleet.url, target["task_id"]), stop_after=1)
+        assert first == [(f"{created_ms}-0", "queued", {"task_id": target["task_id"], "status": "queued",
+                                                       "queue_position": 2, "gpu": None})]
+        requests.delete(f"{fleet.url}/api/v1/tasks/{target['task_id']}", timeout=10)  # its next event
+    finally:
+        for task in running:
+            requests.delete(f"{fleet.url}/api/v1/tasks/{task['task_id']}", timeout=10)
+    log = client.xrange(f"cs:events:{target['task_id']}")
+    assert [(i.decode(), f[b"type"]) for i, f in log] == [(first[0][0], b"queued"), (log[1][0].decode(), b"cancelled")]
+    # Resumed from the id it saw while there was no log: the rest, nothing repeated.
+    resumed = read_events(stream(fleet.url, target["task_id"], last_event_id=first[0][0]))
+    assert [kind for _, kind, _ in resumed] == ["cancelled"]
+    assert [e[0] for e in read_events(stream(fleet.url, target["task_id"]))] == [first[0][0], resumed[0][0]]
+
+
 def test_stream_errors_are_json(fleet):
     missing = requests.get(f"{fleet.url}/api/v1/tasks/00000000-0000-4000-8000-000000000000/events", timeout=5)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "task_not_found"
@@ -367,6 +393,11 @@ def test_a_finished_job_keeps_its_event_log_only_events_ttl_and_its_graphs_not_a
     record_ttl = client.ttl(f"cs:task:{task['task_id']}")
     assert 0 < client.ttl(f"cs:events:{task['task_id']}") <= 3600 < record_ttl  # EVENTS_TTL; the record stays
     assert not client.exists(f"cs:payload:{task['task_id']}")  # nothing runs the graphs again
+    # Compact under Redis' default config: the record's own hash a listpack (its long values,
+    # compressed, beside it), whatever the workflow put in it.
+    assert client.object("encoding", f"cs:task:{task['task_id']}") == b"listpack"
+    assert set(client.hkeys(f"cs:taskz:{task['task_id']}")) >= {b"params", b"result"}
+    assert client.ttl(f"cs:taskz:{task['task_id']}") == pytest.approx(record_ttl, abs=2)
 
 
 def test_a_stream_ends_cleanly_when_redis_goes_away_and_the_reconnect_says_why(fleet_factory):

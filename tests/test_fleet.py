@@ -21,8 +21,9 @@ FAST_FAILOVER = {"COMFYUI_UNREACHABLE_DEADLINE": "3", "COMFYUI_STALL_TIMEOUT": "
 
 
 def record(fleet, task_id: str) -> dict:
-    raw = redis.Redis.from_url(fleet.redis.url).hgetall(f"cs:task:{task_id}")
-    return {k.decode(): json.loads(v) for k, v in raw.items()}
+    from common.task_store import read_record
+
+    return read_record(redis.Redis.from_url(fleet.redis.url), task_id) or {}
 
 
 def all_done(fleet, tasks, timeout=60.0) -> list[dict]:

@@ -106,8 +106,9 @@ def test_two_gpus_four_long_jobs_two_run_and_two_wait_inside_comfyui(fleet_facto
 def fleet_record(fleet, task_id: str) -> dict:
     import redis
 
-    raw = redis.Redis.from_url(fleet.redis.url).hgetall(f"cs:task:{task_id}")
-    return {k.decode(): json.loads(v) for k, v in raw.items()}
+    from common.task_store import read_record
+
+    return read_record(redis.Redis.from_url(fleet.redis.url), task_id) or {}
 
 
 def celery_cli(fleet, *args: str) -> str:

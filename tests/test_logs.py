@@ -11,6 +11,7 @@ import time
 import uuid
 
 import pytest
+import redis
 import requests
 from loguru import logger
 
@@ -366,6 +367,12 @@ def test_per_run_logs_through_the_api(secured_fleet):
             assert not any(other in line["m"] for line in lines), f"{other}'s lines in {task_id}'s logs"
             assert [line["t"] for line in lines] == sorted(line["t"] for line in lines)
             assert {line["source"] for line in lines} == {"comfyui", "worker"}
+            # Once the run ended its list leaves Redis for the output storage; served the same.
+            client = redis.Redis.from_url(fleet.redis.url)
+            wait_until(lambda: not client.exists(f"cs:logs:{task_id}"), 15, what="the log list to leave Redis")
+            assert (fleet.workdir / "outputs" / task_id / "log.jsonl").is_file()
+            moved = _logs(base, task_id)
+            assert all(line in moved for line in lines) and len(moved) == len(set(map(json.dumps, moved)))
 
         # A failing run carries ComfyUI's exception lines.
         fleet.sims[0].faults(fail_at_step=2)

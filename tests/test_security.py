@@ -23,7 +23,7 @@ import requests
 
 from common.registry import Registry
 from common import lifecycle
-from common.task_store import TaskStore, unpack_payload
+from common.task_store import TaskStore, read_record, unpack_payload
 from tests.support.api import story
 from tests.support.procs import REPO, RedisServer, free_port, wait_until
 
@@ -383,7 +383,7 @@ def test_raw_workflow_allowed_runs_as_sent_with_service_file_names(make_app):
     assert sent["9"]["inputs"]["filename_prefix"] == f"cs_{task['task_id']}"
     assert sent["3"]["inputs"]["seed"] == 7  # no seed drawn or changed
     assert {k: v for k, v in sent.items() if k != "9"} == {k: v for k, v in graph.items() if k != "9"}
-    record = {k.decode(): json.loads(v) for k, v in app.redis.hgetall(f"cs:task:{task['task_id']}").items()}
+    record = read_record(app.redis, task["task_id"])
     assert record["cost"] == 25.0 * 1024 * 1024 / 1024**2 and record["checkpoint"] == "sd_xl_base_1.0.safetensors"
 
 
@@ -709,7 +709,7 @@ def test_hostile_bodies(api_fleet, case, request_kwargs, status, code, field):
         assert {k: task["params"][k] for k in expected} == expected  # verbatim, nothing escaped or stripped
         again = requests.get(f"{fleet.url}/api/v1/tasks/{task['task_id']}", headers=ALICE, timeout=10).json()
         assert again["params"] == task["params"]
-        graph = unpack_payload(client.get(f"cs:payload:{task['task_id']}"))["graph"]
+        graph = TaskStore(client, 60).payload(task["task_id"])["graph"]
         inputs = [v for node in graph.values() for v in node["inputs"].values() if isinstance(v, str)]
         for value in (sent.get("prompt"), *(sent.get("scenes") or [])):
             if value:  # reaches ComfyUI as plain text: the input itself, or one line of the plugin's text
@@ -1001,7 +1001,7 @@ def test_keys_isolation_and_raw_jobs_end_to_end_with_a_redis_password(tmp_path):
             assert requests.get(base + path, headers=ALICE, timeout=5).status_code == 200
         # The output files were named by the service, not by the raw graph.
         stored = sorted(p.name for p in (workdir / "outputs" / raw_task["task_id"]).iterdir())
-        assert stored == ["1_0.png"]
+        assert [name for name in stored if name != "log.jsonl"] == ["1_0.png"]  # and its log lines, moved there
         # A failing job leaves the active sets too.
         sim.faults(fail_at_step=1)
         failing = requests.post(base + "/api/v1/generate", json=SDXL, headers=BOB, timeout=10).json()

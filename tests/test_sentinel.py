@@ -20,6 +20,7 @@ import sseclient
 
 from common import keys, redis_conn
 from common.settings import Settings
+from common.task_store import read_record
 from tests.support.api import story, submit, wait_status
 from tests.support.procs import wait_until
 
@@ -213,7 +214,7 @@ def failover(fleet):
 
 
 def task_record(client: redis.Redis, task_id: str) -> dict:
-    return {k.decode(): json.loads(v) for k, v in client.hgetall(keys.task(task_id)).items()}
+    return read_record(client, task_id) or {}
 
 
 def test_jobs_finished_waiting_arriving_and_after_the_failover_all_finish_once(fleet, failover):

@@ -10,6 +10,8 @@ import redis
 import requests
 from PIL import Image
 
+from common.task_store import read_record
+
 from tests.support.api import story, submit, wait_status
 from tests.support.procs import wait_until
 
@@ -34,8 +36,7 @@ def quiet_fleet(tmp_path_factory):
 
 
 def task_record(fleet, task_id: str) -> dict:
-    raw = redis.Redis.from_url(fleet.redis.url).hgetall(f"cs:task:{task_id}")
-    return {k.decode(): json.loads(v) for k, v in raw.items()}
+    return read_record(redis.Redis.from_url(fleet.redis.url), task_id) or {}
 
 
 def test_generate_runs_storydiffusion_and_serves_its_images(fleet):
@@ -75,11 +76,22 @@ def test_images_stored_in_s3_are_served_by_the_api(fleet_factory, s3_endpoint):
     fleet.start_api()
     done = wait_status(fleet.url, submit(fleet.url, story())["task_id"])
     assert done["status"] == "succeeded", done
-    listed = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
-                          aws_secret_access_key="test").list_objects_v2(Bucket="comfy-outputs")
-    assert len(listed["Contents"]) == 2 and not (fleet.workdir / "outputs").exists()
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
+                      aws_secret_access_key="test")
+
+    def stored() -> list[str]:
+        return [item["Key"] for item in s3.list_objects_v2(Bucket="comfy-outputs").get("Contents", [])]
+
+    assert len([key for key in stored() if key.endswith(".png")]) == 2 and not (fleet.workdir / "outputs").exists()
     image = requests.get(fleet.url + done["result"]["images"][1]["url"], timeout=5)
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    # Its log lines leave Redis for the bucket once the run ended, and are served from there.
+    client = redis.Redis.from_url(fleet.redis.url)
+    moved = f"{done['task_id']}/log.jsonl"
+    wait_until(lambda: any(key.endswith(moved) for key in stored()) and not client.exists(f"cs:logs:{done['task_id']}"),
+               15, what="the job's log to move from Redis to the bucket")
+    lines = requests.get(f"{fleet.url}/api/v1/tasks/{done['task_id']}/logs", timeout=5).json()["lines"]
+    assert any(f"task {done['task_id']} succeeded" in line["m"] for line in lines), lines
 
 
 def test_sdxl_workflow_and_random_seed_reported(fleet):

@@ -37,6 +37,11 @@ Attributing ComfyUI's lines to jobs (`Attribution`)
 Writing never blocks a job on Redis: lines go into a bounded in-memory queue (oldest dropped and
 counted when full) and a background thread writes them every `FLUSH_INTERVAL` seconds, one
 pipeline per batch (RPUSH + LTRIM + EXPIRE per job).
+
+Once a job's run ended here (plus the grace period, its last lines flushed), the same thread
+moves its list out of Redis into the output storage (`common/storage.py` `log_key`, JSON lines,
+the last `JOB_LOG_MAX_LINES`, appended to what an earlier run of the job left there): a finished
+job kept for RESULT_TTL holds no log list in Redis. The API serves both (app/task_logs.py).
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ from loguru import logger
 
 from common import redis_conn
 from common.logs import JOB_LOG_MAX_LINES, format_exception, iso_utc, job_log_key
+from common.storage import LOG_CONTENT_TYPE, Storage, log_key
 from workers.comfy_client import ComfyError, LogEntry
 
 log = logging.getLogger("comfy.worker.logs")
@@ -162,11 +168,16 @@ return 1
 
 
 class JobLogWriter:
-    """Appends lines to the per-job Redis lists from a background thread, in batches."""
+    """Appends lines to the per-job Redis lists from a background thread, in batches; with a
+    `storage`, moves a list there once its job's run ended here (`archive`)."""
 
     def __init__(self, client: redis.Redis, ttl: int, max_lines: int = JOB_LOG_MAX_LINES,
-                 max_pending: int = MAX_PENDING, interval: float = FLUSH_INTERVAL):
+                 max_pending: int = MAX_PENDING, interval: float = FLUSH_INTERVAL, storage: Storage | None = None,
+                 archive_delay: float = GRACE_SECONDS + FLUSH_INTERVAL):
         self.redis = client
+        self.storage = storage
+        self.archive_delay = archive_delay
+        self._archive_at: dict[str, float] = {}  # task id → when its list leaves Redis
         self.ttl = int(ttl)
         self.max_lines = max_lines
         self.interval = interval
@@ -199,11 +210,48 @@ class JobLogWriter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.flush()
+        if self.flush():
+            with self._lock:
+                self._archive_at = dict.fromkeys(self._archive_at, 0.0)  # what ended moves now
+            self._archive_due()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self.flush()
+            if self.flush():
+                self._archive_due()
+
+    def archive(self, task_id: str) -> None:
+        """The job's run ended here: move its list to storage once its last lines are in."""
+        if self.storage is not None:
+            with self._lock:
+                self._archive_at[task_id] = time.monotonic() + self.archive_delay
+
+    def _archive_due(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [t for t, at in self._archive_at.items() if at <= now]
+        for task_id in due:
+            try:
+                self.move_to_storage(task_id)
+            except Exception as exc:  # noqa: BLE001 - the list stays in Redis (it expires with the record)
+                log.warning("job logs of %s not moved to storage: %s", task_id, exc)
+            with self._lock:
+                self._archive_at.pop(task_id, None)
+
+    def move_to_storage(self, task_id: str) -> int:
+        """Append the job's Redis list to its log in storage, then drop what was moved from the
+        list (lines appended meanwhile stay). Returns the lines moved."""
+        key = job_log_key(task_id)
+        lines = self.redis.lrange(key, 0, -1)
+        if not lines:
+            return 0
+        old = self.storage.get(log_key(task_id)) or b""
+        kept = [*old.splitlines(), *lines][-self.max_lines:]
+        self.storage.put(log_key(task_id), b"\n".join(kept) + b"\n", LOG_CONTENT_TYPE)
+        # Another run of the job (failover) may have appended since: those lines stay. (Past the
+        # cap, its appends also cut the list's head, and as many of its lines would go here.)
+        self.redis.ltrim(key, len(lines), -1)
+        return len(lines)
 
     def flush(self) -> bool:
         """Write what is pending now; False (lines kept for the next round) when Redis failed."""
@@ -251,9 +299,10 @@ def comfy_time(t: str) -> str:
 class JobLogs:
     """The worker's per-run log collection: attribution + the Redis writer + the loguru sink."""
 
-    def __init__(self, client: redis.Redis, ttl: int, level: str = "INFO", grace: float = GRACE_SECONDS):
+    def __init__(self, client: redis.Redis, ttl: int, level: str = "INFO", grace: float = GRACE_SECONDS,
+                 storage: Storage | None = None):
         self.attribution = Attribution(grace)
-        self.writer = JobLogWriter(client, ttl)
+        self.writer = JobLogWriter(client, ttl, storage=storage, archive_delay=grace + FLUSH_INTERVAL)
         self.level = level
         self.unattributed = 0
         self._sink_id: Optional[int] = None
@@ -270,6 +319,11 @@ class JobLogs:
 
     def finished(self, task_id: str) -> None:
         self.attribution.finished(task_id)
+
+    def run_ended(self, task_id: str) -> None:
+        """The job's task returned here: its list leaves Redis after the grace period."""
+        self.attribution.finished(task_id)
+        self.writer.archive(task_id)
 
     # Lines in ----------------------------------------------------------------------------------
     def on_comfy_log(self, entry: LogEntry) -> None:
@@ -342,4 +396,5 @@ def get_job_logs() -> JobLogs:
     settings = get_runtime().settings
     client = redis_conn.connect(settings, socket_timeout=3, socket_connect_timeout=2, health_check_interval=30,
                                 client_name="comfy-worker-logs")
-    return JobLogs(client, settings.result_ttl, level=(settings.log_level or "INFO").upper())
+    return JobLogs(client, settings.result_ttl, level=(settings.log_level or "INFO").upper(),
+                   storage=get_runtime().storage)

@@ -193,7 +193,7 @@ def _run_workflow(self, task_id: str) -> dict:
         with logger.contextualize(prompt_id=prompt_id):
             return _run_prompt(runtime, job, taken.payload, prompt_id)
     finally:
-        get_job_logs().finished(task_id)
+        get_job_logs().run_ended(task_id)
         runtime.job_ended(task_id)
 
 

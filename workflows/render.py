@@ -1,6 +1,7 @@
 """Rendering a workflow for one job: pure, so it tests without ComfyUI, Redis or Celery."""
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
@@ -44,3 +45,10 @@ def render(workflow: Workflow, params: WorkflowParams, output_prefix: str) -> Re
         cost=round(workflow.cost(params), 6), checkpoint=getattr(params, "checkpoint", None),
         progress_repeats=workflow.progress_repeats(params),
     )
+
+
+def payload_dictionary(workflow: Workflow) -> bytes:
+    """What a job's graphs are compressed against (a zlib preset dictionary): its workflow's
+    templates, of which the graphs are a copy with the job's values bound in. A tenth of the
+    bytes of compressing them alone; the same bytes for as long as the templates do not change."""
+    return json.dumps({"graph": workflow.api, "ui": workflow.ui}, separators=(",", ":")).encode()

@@ -49,6 +49,8 @@ import requests
 from common import keys, redis_conn
 from common.apikeys import ANONYMOUS
 from common.settings import Settings
+from common.compact import Dictionaries
+from common.task_store import decode_record
 from tests.support.fleet import Fleet
 from tests.support.procs import RedisServer, SimProcess, free_port, wait_until
 from tests.support.sentinel import SentinelGroup
@@ -446,7 +448,7 @@ class Chaos:
 
     def _stored_attempts(self, task_id: str) -> list[str]:
         folder = self.workdir / "outputs" / task_id
-        return sorted({p.name.split("_")[0] for p in folder.iterdir()}) if folder.is_dir() else []
+        return sorted({p.name.split("_")[0] for p in folder.iterdir() if "_" in p.name}) if folder.is_dir() else []
 
     def _diagnose(self, task_id: str, record: dict, runs: list[dict]) -> dict:
         """Why a job is not final: who, if anyone, still holds it."""
@@ -505,13 +507,14 @@ class Chaos:
         for s in accepted:
             pipe.hgetall(keys.task(s.task_id))
             pipe.xrange(keys.events(s.task_id))
+            pipe.hgetall(keys.task_long(s.task_id))
         raw = pipe.execute()
 
         outcome, failed, lost, stuck, duplicated, wrong_results = Counter(), Counter(), [], [], [], []
         for k, s in enumerate(accepted):
             tid = s.task_id
-            record = {key.decode(): json.loads(v) for key, v in raw[2 * k].items()}
-            events = [fields.get(b"type", b"").decode() for _, fields in raw[2 * k + 1]]
+            record = decode_record(raw[3 * k], raw[3 * k + 2], Dictionaries(self.redis))
+            events = [fields.get(b"type", b"").decode() for _, fields in raw[3 * k + 1]]
             r = session.get(f"{self.fleet.url}/api/v1/tasks/{tid}", timeout=10)
             if r.status_code == 404 or not record:
                 lost.append({"task_id": tid, "http": r.status_code, "submission": s.index})
