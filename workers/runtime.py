@@ -27,6 +27,10 @@ from workers.monitor import Monitor
 
 log = logging.getLogger("comfy.worker")
 RATE_SMOOTHING = 0.3  # weight of the newest job in a GPU's speed estimate
+# While its ComfyUI has not answered yet, a worker asks it this often (a refused connection costs
+# nothing) and beats at once when it does: a starting GPU counts as capacity (dispatch, the
+# autoscaler's spread) as soon as it can take a job, not up to HEARTBEAT_INTERVAL later.
+STARTUP_PROBE_INTERVAL = 0.2
 
 
 class SpeedModel:
@@ -258,7 +262,21 @@ class WorkerRuntime:
                 self.monitor.run_once()
             except Exception:  # noqa: BLE001 - the heartbeat must outlive Redis or ComfyUI hiccups
                 log.exception("heartbeat round failed")
-            self._stop.wait(self.settings.heartbeat_interval)
+            self._wait_next_beat()
+
+    def _wait_next_beat(self) -> None:
+        """HEARTBEAT_INTERVAL, cut short the moment a ComfyUI that had not answered yet does."""
+        deadline = time.monotonic() + self.settings.heartbeat_interval
+        while self._ready_seconds is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stop.wait(min(STARTUP_PROBE_INTERVAL, left)):
+                return
+            try:
+                self.client.prompt_queue_remaining()
+                return  # it answers: beat now (heartbeat() measures the ready time)
+            except ComfyError:
+                continue
+        self._stop.wait(max(deadline - time.monotonic(), 0.0))
 
     def _sweep_cancels(self) -> None:
         # Pub/sub messages are fire-and-forget; a cancel published while this process was
