@@ -12,6 +12,7 @@ from functools import cache
 
 import psutil
 import redis
+import requests
 from celery.worker import state as celery_state
 
 from common import redis_conn
@@ -271,12 +272,18 @@ class WorkerRuntime:
             left = deadline - time.monotonic()
             if left <= 0 or self._stop.wait(min(STARTUP_PROBE_INTERVAL, left)):
                 return
-            try:
-                self.client.prompt_queue_remaining()
-                return  # it answers: beat now (heartbeat() measures the ready time)
-            except ComfyError:
-                continue
+            if self._comfyui_answers(timeout=min(max(deadline - time.monotonic(), 0.05), 1.0)):
+                return  # beat now (heartbeat() asks it properly and measures the ready time)
         self._stop.wait(max(deadline - time.monotonic(), 0.0))
+
+    def _comfyui_answers(self, timeout: float) -> bool:
+        """The start-up probe: a short-timeout GET, so a ComfyUI that drops packets (rather than
+        refusing) never stretches the heartbeat's period past HEARTBEAT_INTERVAL by much."""
+        try:
+            response = requests.get(f"{self.client.base_url}/prompt", timeout=timeout)
+            return response.ok and "exec_info" in response.json()  # what heartbeat() reads from it
+        except (requests.RequestException, ValueError, TypeError):
+            return False
 
     def _sweep_cancels(self) -> None:
         # Pub/sub messages are fire-and-forget; a cancel published while this process was
