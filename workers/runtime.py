@@ -90,6 +90,7 @@ class WorkerRuntime:
         # Celery is up): booting the worker is part of bringing a GPU up.
         self._process_started = psutil.Process().create_time()
         self._ready_seconds: float | None = None
+        self._comfy_ok = False  # the last heartbeat found ComfyUI answering
         self._first_cold_job: tuple[str, float, float] | None = None  # workflow, cost, seconds
         self._active: dict[str, str | None] = {}  # task id → ComfyUI prompt id (None until submitted)
         self._cancelled: set[str] = set()  # cancels sent to ComfyUI for jobs still active here
@@ -205,9 +206,14 @@ class WorkerRuntime:
             comfy_ok = True
             if self._ready_seconds is None:
                 self._ready_seconds = max(time.time() - self._process_started, 0.0)
+            if not self._comfy_ok:
+                # A job taken before ComfyUI was up waits on the websocket, whose reconnect backoff
+                # has grown meanwhile: it connects now, not up to the backoff's 5 s later.
+                self.client.wake()
             self._read_checkpoints()
         except ComfyError:
             comfy_ok = False
+        self._comfy_ok = comfy_ok
         gpu = self.probe.read()
         with self._lock:
             rates = {k: dict(v) for k, v in self.rates.items()}
