@@ -149,7 +149,8 @@ def fleet_run(name: str, low: int, high: int, plan: dict) -> dict:
                        "first_job": round(first[sp.queue] - t0, 1) if sp.queue in first else None,
                        "stop": None if sp.stopped is None else round(sp.stopped - t0, 1)} for sp in day_spans],
             "measured_cold_start_s": round(float(cold), 2) if cold else None,
-            "start_to_first_job_s": round(statistics.median(up_to_first), 2) if up_to_first else None, "log": [n for n in notes if "scale" in n][-40:]}
+            "start_to_first_job_s": round(statistics.median(up_to_first), 2) if up_to_first else None,
+            "log": [n for n in notes if "scale" in n][-40:]}
 
 
 def run(quick: bool = False) -> dict:
