@@ -309,7 +309,7 @@ def main() -> int:
         say(f"Flower  http://127.0.0.1:{flower_port}")
         say("logs in var/logs/; a process that dies is started again; Ctrl-C stops everything")
         scaler = _autoscaler(stack, env, redis_url) if autoscale else None
-        interval = float(os.environ.get("AUTOSCALE_INTERVAL", "2"))
+        interval = float(os.environ.get("AUTOSCALE_INTERVAL", "0.5"))
         next_tick = time.monotonic()
         if scaler:
             scaler.bootstrap()

@@ -163,3 +163,21 @@ def test_a_heartbeat_carries_the_measured_cold_start_and_the_fleet_uses_it(fleet
     cold = wait_until(lambda: beat()["cold_start_seconds"], 10, what="the cold start reported")
     assert cold >= load
     assert requests.get(base + "/api/v1/fleet", timeout=5).json()["cold_start_seconds"] == pytest.approx(cold)
+
+
+def test_a_starting_gpu_beats_as_soon_as_its_comfyui_answers(fleet_factory):
+    """A worker up before its ComfyUI does not wait for its next HEARTBEAT_INTERVAL to say the GPU
+    can take jobs: it asks ComfyUI until it answers and beats then (workers/runtime.py)."""
+    from common.registry import Registry
+    from tests.support.procs import SimProcess
+
+    fleet = fleet_factory(HEARTBEAT_INTERVAL="120", HEARTBEAT_TTL="300")
+    sim = SimProcess(port=free_port(), workdir=fleet.workdir, args=["--slow-start", "3"]).start(wait=False)
+    fleet.sims.append(sim)  # the port opens 3 s after the simulator starts, beside its worker
+    fleet.add_worker(sim)
+    registry = Registry(fleet.redis.client(), 300)
+    wait_until(registry.alive, 60, interval=0.1, what="the worker's first heartbeat")
+    # The next regular beat is two minutes away: only the start-up probe can make it ready sooner.
+    beat = wait_until(lambda: [w for w in registry.alive() if w.get("comfyui_ok")], 60, interval=0.1,
+                      what="a heartbeat with ComfyUI answering")[0]
+    assert beat["comfyui_ok"] and not beat["draining"]

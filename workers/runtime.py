@@ -12,6 +12,7 @@ from functools import cache
 
 import psutil
 import redis
+import requests
 from celery.worker import state as celery_state
 
 from common import redis_conn
@@ -27,6 +28,10 @@ from workers.monitor import Monitor
 
 log = logging.getLogger("comfy.worker")
 RATE_SMOOTHING = 0.3  # weight of the newest job in a GPU's speed estimate
+# While its ComfyUI has not answered yet, a worker asks it this often (a refused connection costs
+# nothing) and beats at once when it does: a starting GPU counts as capacity (dispatch, the
+# autoscaler's spread) as soon as it can take a job, not up to HEARTBEAT_INTERVAL later.
+STARTUP_PROBE_INTERVAL = 0.2
 
 
 class SpeedModel:
@@ -85,6 +90,7 @@ class WorkerRuntime:
         # Celery is up): booting the worker is part of bringing a GPU up.
         self._process_started = psutil.Process().create_time()
         self._ready_seconds: float | None = None
+        self._comfy_ok = False  # the last heartbeat found ComfyUI answering
         self._first_cold_job: tuple[str, float, float] | None = None  # workflow, cost, seconds
         self._active: dict[str, str | None] = {}  # task id → ComfyUI prompt id (None until submitted)
         self._cancelled: set[str] = set()  # cancels sent to ComfyUI for jobs still active here
@@ -200,9 +206,14 @@ class WorkerRuntime:
             comfy_ok = True
             if self._ready_seconds is None:
                 self._ready_seconds = max(time.time() - self._process_started, 0.0)
+            if not self._comfy_ok:
+                # A job taken before ComfyUI was up waits on the websocket, whose reconnect backoff
+                # has grown meanwhile: it connects now, not up to the backoff's 5 s later.
+                self.client.wake()
             self._read_checkpoints()
         except ComfyError:
             comfy_ok = False
+        self._comfy_ok = comfy_ok
         gpu = self.probe.read()
         with self._lock:
             rates = {k: dict(v) for k, v in self.rates.items()}
@@ -258,7 +269,27 @@ class WorkerRuntime:
                 self.monitor.run_once()
             except Exception:  # noqa: BLE001 - the heartbeat must outlive Redis or ComfyUI hiccups
                 log.exception("heartbeat round failed")
-            self._stop.wait(self.settings.heartbeat_interval)
+            self._wait_next_beat()
+
+    def _wait_next_beat(self) -> None:
+        """HEARTBEAT_INTERVAL, cut short the moment a ComfyUI that had not answered yet does."""
+        deadline = time.monotonic() + self.settings.heartbeat_interval
+        while self._ready_seconds is None:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stop.wait(min(STARTUP_PROBE_INTERVAL, left)):
+                return
+            if self._comfyui_answers(timeout=min(max(deadline - time.monotonic(), 0.05), 1.0)):
+                return  # beat now (heartbeat() asks it properly and measures the ready time)
+        self._stop.wait(max(deadline - time.monotonic(), 0.0))
+
+    def _comfyui_answers(self, timeout: float) -> bool:
+        """The start-up probe: a short-timeout GET, so a ComfyUI that drops packets (rather than
+        refusing) never stretches the heartbeat's period past HEARTBEAT_INTERVAL by much."""
+        try:
+            response = requests.get(f"{self.client.base_url}/prompt", timeout=timeout)
+            return response.ok and "exec_info" in response.json()  # what heartbeat() reads from it
+        except (requests.RequestException, ValueError, TypeError):
+            return False
 
     def _sweep_cancels(self) -> None:
         # Pub/sub messages are fire-and-forget; a cancel published while this process was

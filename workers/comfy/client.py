@@ -128,6 +128,11 @@ class ComfyClient:
                                    f" ({self._reader.last_error or 'no answer'})",
                                    details={"ws_url": self.ws_url, "last_error": self._reader.last_error})
 
+    def wake(self) -> None:
+        """ComfyUI answers again (its caller saw it over HTTP): a reader waiting out a reconnect
+        backoff (up to ``backoff_max``) tries at once, so a submit waiting on it goes on now."""
+        self._reader.wake.set()
+
     @property
     def connected(self) -> bool:
         return self._reader.connected.is_set()
