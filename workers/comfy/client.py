@@ -365,29 +365,38 @@ class ComfyClient:
     def cancel(self, prompt_id: str) -> CancelOutcome:
         """Cancel one prompt without touching any other:
 
-        * pending → ``POST /queue {"delete": [id]}``, confirmed via ``/queue`` → ``DELETED``;
-        * running → ``POST /interrupt {"prompt_id": id}``, sent only while ``/queue`` shows this
-          prompt as the running one → ``INTERRUPTED`` (the stream then ends with `Interrupted`);
+        * running → ``POST /interrupt {"prompt_id": id}``: ComfyUI interrupts only while this
+          prompt is the running one, so the call alone is safe → ``INTERRUPTED`` (the stream then
+          ends with `Interrupted`). When this client's stream already saw its ``execution_start``
+          that is all it sends; otherwise ``/queue`` tells running from pending first;
+        * pending → ``POST /queue {"delete": [id]}``, confirmed via ``/queue`` and ``/history``
+          → ``DELETED``; a prompt this client submitted and has not seen start is deleted at
+          once, before looking (a delete of a running prompt does nothing);
         * in history → ``FINISHED``; unknown → ``NOT_FOUND``.
         If the prompt starts running between the check and the delete, it is interrupted.
         """
+        with self._reader.lock:
+            w = self._reader.watches.get(prompt_id)
+            known = None if w is None or w.finished or not w.submitted else ("running" if w.started else "pending")
+        if known == "running":
+            self._interrupt_running(prompt_id)
+            return CancelOutcome.INTERRUPTED
+        q: Optional[QueueState] = None  # a pending prompt of ours is deleted before looking
         for _ in range(5):
-            q = self._http.queue_state()
-            if prompt_id in q.running_ids():
-                self._http.post_ack("/interrupt", {"prompt_id": prompt_id}, "POST /interrupt")
-                log.info("comfy: interrupt requested for running prompt %s", prompt_id)
+            if q is None and known != "pending":
+                q = self._http.queue_state()
+            if q is not None and prompt_id in q.running_ids():
+                self._interrupt_running(prompt_id)
                 return CancelOutcome.INTERRUPTED
-            if prompt_id in q.pending_ids():
+            if q is None or prompt_id in q.pending_ids():
                 with self._reader.lock:
                     w = self._reader.watches.get(prompt_id)
                     if w is not None:
                         w.cancel_requested = True  # absent from /queue and /history = deleted, not lost
                 self._http.post_ack("/queue", {"delete": [prompt_id]}, "POST /queue delete")
-                q2 = self._http.queue_state()
-                if prompt_id in q2.pending_ids():
-                    continue  # the delete did not take (yet): look again
-                if prompt_id in q2.running_ids():
-                    continue  # it started between the check and the delete: interrupt it (next round)
+                q = self._http.queue_state()
+                if prompt_id in q.pending_ids() or prompt_id in q.running_ids():
+                    continue  # the delete did not take (yet), or it started first: interrupt it (next round)
                 if self._http.history_entry(prompt_id) is not None:
                     return CancelOutcome.FINISHED  # started and finished in between
                 log.info("comfy: deleted pending prompt %s", prompt_id)
@@ -399,10 +408,16 @@ class ComfyClient:
             if self._http.history_entry(prompt_id) is not None:
                 return CancelOutcome.FINISHED
             # Not queued, not in history: unless it just moved from the queue into history...
-            if not self._http.queue_state().contains(prompt_id) and self._http.history_entry(prompt_id) is None:
+            q = self._http.queue_state()
+            if not q.contains(prompt_id) and self._http.history_entry(prompt_id) is None:
                 return CancelOutcome.NOT_FOUND
         raise ComfyProtocolError(f"could not cancel prompt {prompt_id}: queue state kept changing",
                                  prompt_id=prompt_id)
+
+    def _interrupt_running(self, prompt_id: str) -> None:
+        # Never the body-less (global) form: a prompt that finished meanwhile leaves the next one alone.
+        self._http.post_ack("/interrupt", {"prompt_id": prompt_id}, "POST /interrupt")
+        log.info("comfy: interrupt requested for running prompt %s", prompt_id)
 
     # ------------------------------------------------------------------ logs
     def subscribe_logs(self, enabled: bool = True, on_log: Optional[Callable[[LogEntry], None]] = None) -> bool:
