@@ -667,6 +667,14 @@ class TaskStore:
         deletes the prompt from ComfyUI's queue or interrupts it, then records `cancel_run`)."""
         last = self.last_event_id(task_id)
         queue, owner = record["queue"], record.get("owner", "anonymous")
+        if lifecycle.state_of(record) in (State.HANDED, State.RUNNING):
+            # A worker has it (as just read): flag it and tell the worker first, one round trip
+            # sooner; if it moved meanwhile, the full sequence below decides.
+            flagged = self.apply("request_cancel", task_id, queue=queue, owner=owner,
+                                 fields={"cancel_requested": True})
+            if flagged.applied:
+                self.redis.publish(CANCEL_CHANNEL, task_id)
+                return CancelResult("requested", flagged.before, last)
         done = self.apply("cancel_waiting", task_id, queue=queue, owner=owner, fields={
             "finished_at": now_iso(), "cancel_requested": True}, event={"queue": queue},
             metric_ops=metrics.finished_ops(record, CANCELLED))
