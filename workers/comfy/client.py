@@ -5,6 +5,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ._http import Http, normalize_base_url, ws_url_for
@@ -39,6 +40,7 @@ from .models import (
 )
 
 log = logging.getLogger("workers.comfy")
+_PARALLEL_DOWNLOADS = 4  # /view downloads at once: the HTTP pool keeps 4 sessions
 
 
 class ComfyClient:
@@ -314,27 +316,39 @@ class ComfyClient:
         self._reader.forget(prompt_id)
 
     # ------------------------------------------------------------------ outputs
-    def outputs(self, prompt_id: str, *, include_temp: bool = True, retry_for: float = 2.0) -> list[OutputFile]:
-        """Download every output file of every output node listed in ``/history`` (any output
-        key whose value is a list of ``{filename, subfolder, type}``: images, gifs, videos,
-        audio, ...). ``/history`` is retried for ``retry_for`` seconds when still empty
-        (``execution_success`` is sent just before history is written)."""
-        entry = self._history_retry(prompt_id, retry_for)
-        if entry is None:
-            if self._http.queue_state().contains(prompt_id):
-                raise ComfyError("prompt has not finished yet", prompt_id=prompt_id)
-            raise ComfyPromptLost("ComfyUI has no history for this prompt", prompt_id=prompt_id)
-        files = []
-        for node_id, kind, ref in output_refs(entry.outputs):
-            ftype = str(ref.get("type") or "output")
-            if ftype == "temp" and not include_temp:
-                continue
-            data, ctype = self.view(str(ref["filename"]), str(ref.get("subfolder") or ""), ftype,
-                                    prompt_id=prompt_id)
-            files.append(OutputFile(node_id=node_id, kind=kind, filename=str(ref["filename"]),
-                                    subfolder=str(ref.get("subfolder") or ""), type=ftype, content_type=ctype,
-                                    data=data))
-        return files
+    def outputs(self, prompt_id: str, *, include_temp: bool = True, retry_for: float = 2.0,
+                listed: Optional[dict[str, Any]] = None) -> list[OutputFile]:
+        """Download every output file of every output node (any output key whose value is a list
+        of ``{filename, subfolder, type}``: images, gifs, videos, audio, ...), in the order the
+        nodes are listed. ``listed``: the outputs the prompt's `Succeeded` event carries (the
+        ``executed`` messages seen live, cached nodes included, or its history entry's); when it
+        names files, ``/history`` is not read again. Otherwise ``/history`` is read, retried for
+        ``retry_for`` seconds when still empty (``execution_success`` is sent just before history
+        is written). Several files are downloaded at once."""
+        refs = list(output_refs(listed or {}))
+        if not refs:
+            entry = self._history_retry(prompt_id, retry_for)
+            if entry is None:
+                if self._http.queue_state().contains(prompt_id):
+                    raise ComfyError("prompt has not finished yet", prompt_id=prompt_id)
+                raise ComfyPromptLost("ComfyUI has no history for this prompt", prompt_id=prompt_id)
+            refs = list(output_refs(entry.outputs))
+        refs = [(node_id, kind, ref, str(ref.get("type") or "output")) for node_id, kind, ref in refs]
+        refs = [r for r in refs if include_temp or r[3] != "temp"]
+
+        def fetch(item: tuple[str, str, dict[str, Any], str]) -> OutputFile:
+            node_id, kind, ref, ftype = item
+            subfolder = str(ref.get("subfolder") or "")
+            data, ctype = self.view(str(ref["filename"]), subfolder, ftype, prompt_id=prompt_id)
+            return OutputFile(node_id=node_id, kind=kind, filename=str(ref["filename"]), subfolder=subfolder,
+                              type=ftype, content_type=ctype, data=data)
+
+        if len(refs) <= 1:
+            return [fetch(r) for r in refs]
+        # One connection each from the HTTP pool: a story's images arrive in about the time of one.
+        with ThreadPoolExecutor(max_workers=min(len(refs), _PARALLEL_DOWNLOADS),
+                                thread_name_prefix="comfy-view") as pool:
+            return list(pool.map(fetch, refs))
 
     def view(self, filename: str, subfolder: str = "", type: str = "output", *,
              prompt_id: Optional[str] = None) -> tuple[bytes, str]:
