@@ -614,9 +614,7 @@ class TaskStore:
                            record if want_record else None, payload)
         return outcome
 
-    def _apply(self, name: str, task_id: str, *, queue: str, owner: str = "anonymous", to_queue: str | None = None,
-               instance: str | None = None, fields: dict | None = None, event: dict | None = None,
-               metric_ops: list[tuple] = (), want_record: bool = False) -> Outcome:
+    def _apply(self, name: str, task_id: str, **call) -> Outcome:
         """Apply lifecycle transition `name` to a job that is on `queue` (else refused).
 
         `instance`: for an owned transition, the worker that must own a handed or running job.
@@ -624,6 +622,41 @@ class TaskStore:
         `fields`: record fields set with it; `event`: the data of the event it appends;
         `metric_ops`: (op, key, field, value) counted only if it applies (common/metrics.py).
         """
+        call_keys, args = self._script_call(name, task_id, **call)
+        return self._outcome(name, task_id, self._transition(keys=call_keys, args=args))
+
+    def apply_in_turn(self, steps: list[tuple[str, str, dict]]) -> list[Outcome]:
+        """Several transitions, each (name, task id, `apply`'s keyword arguments), sent in one
+        round trip: a pipeline, not a transaction, so each is checked and applied by the script on
+        its own, in order, exactly as `apply` would one after the other. For a worker's last steps
+        of a job (its last `output`, then `succeed`: one refused is the other refused). Should
+        Redis fail meanwhile, the steps not known to have applied go through `apply` one by one."""
+        calls = [self._script_call(name, task_id, **kw) for name, task_id, kw in steps]
+        try:
+            for attempt in range(2):
+                pipe = self.redis.pipeline(transaction=False)
+                for call_keys, args in calls:
+                    pipe.evalsha(self._transition.sha, len(call_keys), *call_keys, *args)
+                replies = pipe.execute(raise_on_error=False)
+                if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                    break
+                self.redis.script_load(_TRANSITION)  # Redis restarted and forgot it: nothing ran
+            else:
+                raise redis.RedisError("the transition script could not be loaded")
+        except redis.RedisError:
+            replies = []
+        outcomes = []
+        for (name, task_id, kw), reply in zip(steps, replies):
+            if isinstance(reply, Exception):
+                break
+            outcomes.append(self._outcome(name, task_id, reply))
+        return outcomes + [self.apply(name, task_id, **kw) for name, task_id, kw in steps[len(outcomes):]]
+
+    def _script_call(self, name: str, task_id: str, *, queue: str, owner: str = "anonymous",
+                     to_queue: str | None = None, instance: str | None = None, fields: dict | None = None,
+                     event: dict | None = None, metric_ops: list[tuple] = (),
+                     want_record: bool = False) -> tuple[list[str], list]:
+        """KEYS and ARGV of the transition script for one transition (see `_TRANSITION`)."""
         spec = lifecycle.transition(name)
         # Owned transitions of a handed or running job need its worker; no instance matches none.
         must_own = (instance or "-") if spec.owned else ""
@@ -643,8 +676,14 @@ class TaskStore:
                 str(lifecycle.status_of(target)) if target else "", spec.event or "", _json(event or {}),
                 queue, to_queue, must_own, owner, int(time.time() * 1000), int(self.events_ttl), MAX_EVENTS,
                 "1" if want_record else "0", len(metric_ops), *ops, len(short), len(long), *short, *long]
-        applied, before, callback, event_id, cancel, record, payload, long = self._transition(keys=call_keys,
-                                                                                             args=args)
+        return call_keys, args
+
+    def _outcome(self, name: str, task_id: str, reply) -> Outcome:
+        """The script's reply as an `Outcome`; a status change of a job with a callback is
+        handed to `notify` (webhooks)."""
+        spec = lifecycle.transition(name)
+        target = spec.target
+        applied, before, callback, event_id, cancel, record, payload, long = reply
         before = _text(before)
         outcome = Outcome(
             applied=bool(applied), before=State(before) if before else None,
