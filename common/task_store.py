@@ -625,15 +625,19 @@ class TaskStore:
         call_keys, args = self._script_call(name, task_id, **call)
         return self._outcome(name, task_id, self._transition(keys=call_keys, args=args))
 
-    def apply_in_turn(self, steps: list[tuple[str, str, dict]]) -> list[Outcome]:
+    def apply_in_turn(self, steps: list[tuple[str, str, dict]],
+                      then: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
         """Several transitions, each (name, task id, `apply`'s keyword arguments), sent in one
         round trip: a pipeline, not a transaction, so each is checked and applied by the script on
         its own, in order, exactly as `apply` would one after the other. For a worker's last steps
         of a job (its last `output`, then `succeed`: one refused is the other refused). Should
-        Redis fail meanwhile, the steps not known to have applied go through `apply` one by one."""
+        Redis be away meanwhile, the steps not known to have applied go through `apply` one by
+        one, which waits it out; any other error is raised, as `apply` would.
+        `then(i, outcome)` runs as each step's outcome is known, before the next one's webhook is
+        queued, so the caller's own webhooks keep the order of the events."""
         calls = [self._script_call(name, task_id, **kw) for name, task_id, kw in steps]
         try:
-            for attempt in range(2):
+            for _ in range(2):
                 pipe = self.redis.pipeline(transaction=False)
                 for call_keys, args in calls:
                     pipe.evalsha(self._transition.sha, len(call_keys), *call_keys, *args)
@@ -645,12 +649,20 @@ class TaskStore:
                 raise redis.RedisError("the transition script could not be loaded")
         except redis.RedisError:
             replies = []
-        outcomes = []
-        for (name, task_id, kw), reply in zip(steps, replies):
-            if isinstance(reply, Exception):
-                break
-            outcomes.append(self._outcome(name, task_id, reply))
-        return outcomes + [self.apply(name, task_id, **kw) for name, task_id, kw in steps[len(outcomes):]]
+        outcomes: list[Outcome] = []
+        for index, (name, task_id, kw) in enumerate(steps):
+            reply = replies[index] if index < len(replies) else None
+            if isinstance(reply, Exception) and not is_outage(reply):
+                raise reply  # as `apply` would have raised it
+            if reply is None or isinstance(reply, Exception):
+                replies = []  # Redis is away: from here on one by one, waiting it out
+                outcome = self.apply(name, task_id, **kw)
+            else:
+                outcome = self._outcome(name, task_id, reply)
+            outcomes.append(outcome)
+            if then is not None:
+                then(index, outcome)
+        return outcomes
 
     def _script_call(self, name: str, task_id: str, *, queue: str, owner: str = "anonymous",
                      to_queue: str | None = None, instance: str | None = None, fields: dict | None = None,

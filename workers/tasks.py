@@ -91,8 +91,10 @@ class Job:
         round trip; each applies as on its own: the output refused means the job is not ours,
         and then `succeed` is refused as well."""
         step, data = self._output_step(index, item, so_far)
-        stored, done = self.runtime.store.apply_in_turn([step, self._finish_step("succeed", "succeeded", **fields)])
-        return self._output_recorded(stored, data), done
+        stored, done = self.runtime.store.apply_in_turn(
+            [step, self._finish_step("succeed", "succeeded", **fields)],
+            then=lambda i, outcome: i == 0 and self._output_recorded(outcome, data))  # its webhook first
+        return stored.applied, done
 
     def _output_step(self, index: int, item: dict, result: dict) -> tuple[tuple, dict]:
         data = {"index": index, "url": image_url(self.task_id, index, self.runtime.settings.public_url),
