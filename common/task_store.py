@@ -716,16 +716,15 @@ class TaskStore:
         """A cancel request (DELETE, or a Celery revoke): a job still in Celery is cancelled at
         once and never reaches a GPU; one a worker has is flagged, and its worker is told (it
         deletes the prompt from ComfyUI's queue or interrupts it, then records `cancel_run`)."""
-        last = self.last_event_id(task_id)
         queue, owner = record["queue"], record.get("owner", "anonymous")
         if lifecycle.state_of(record) in (State.HANDED, State.RUNNING):
-            # A worker has it (as just read): flag it and tell the worker first, one round trip
-            # sooner; if it moved meanwhile, the full sequence below decides.
-            flagged = self.apply("request_cancel", task_id, queue=queue, owner=owner,
-                                 fields={"cancel_requested": True})
+            # A worker has it (as just read): flag it and tell the worker, two round trips in
+            # all; if it moved meanwhile, the full sequence below decides.
+            flagged, last = self._flag_cancel(task_id, queue, owner)
             if flagged.applied:
                 self.redis.publish(CANCEL_CHANNEL, task_id)
                 return CancelResult("requested", flagged.before, last)
+        last = self.last_event_id(task_id)
         done = self.apply("cancel_waiting", task_id, queue=queue, owner=owner, fields={
             "finished_at": now_iso(), "cancel_requested": True}, event={"queue": queue},
             metric_ops=metrics.finished_ops(record, CANCELLED))
@@ -750,6 +749,24 @@ class TaskStore:
                 return self.cancel(task_id, current)
         self.redis.publish(CANCEL_CHANNEL, task_id)
         return CancelResult("requested", flagged.before, last)
+
+    def _flag_cancel(self, task_id: str, queue: str, owner: str) -> tuple[Outcome, str]:
+        """`request_cancel`, and the id of the job's last event just before it (where DELETE
+        starts waiting for the final one), in one round trip."""
+        call_keys, args = self._script_call("request_cancel", task_id, queue=queue, owner=owner,
+                                            fields={"cancel_requested": True})
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrevrange(keys.events(task_id), count=1)
+        pipe.evalsha(self._transition.sha, len(call_keys), *call_keys, *args)
+        entries, reply = pipe.execute(raise_on_error=False)
+        if isinstance(entries, Exception):
+            raise entries
+        last = _text(entries[0][0]) if entries else "0-0"
+        if isinstance(reply, redis.exceptions.NoScriptError):  # Redis forgot the script: nothing ran
+            reply = self._transition(keys=call_keys, args=args)
+        elif isinstance(reply, Exception):
+            raise reply
+        return self._outcome("request_cancel", task_id, reply), last
 
     def webhook_state(self, task_id: str, state: dict, retry_at_ms: int | None) -> None:
         """The webhook worker's record of a final delivery; `retry_at_ms` None: settled."""

@@ -213,6 +213,25 @@ def test_transitions_in_one_round_trip_decide_as_one_by_one(redis_server):
     assert lifecycle.state_of(store.get(theirs)) == State.RUNNING
 
 
+def test_a_cancel_of_a_handed_job_flags_it_and_tells_its_worker(redis_server):
+    """TaskStore.cancel's short way (the record says a worker has it), also when Redis forgot
+    the script; the last event id is where DELETE starts waiting."""
+    client = redis.Redis.from_url(redis_server.url)
+    store = TaskStore(client, 3600)
+    task_id = str(uuid.uuid4())
+    store.create({"task_id": task_id, "workflow": "w", "queue": "gpu.a.0", "owner": "o", "params": {},
+                  "created_at": "2026-01-01T00:00:00Z"}, {"graph": {}})
+    store.apply("hand", task_id, queue="gpu.a.0", owner="o", instance="w1", fields={"worker": "w1"})
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.CANCEL_CHANNEL)
+    client.script_flush()
+    result = store.cancel(task_id, store.get(task_id))
+    assert (result.outcome, result.state, result.last_event) == ("requested", State.HANDED, store.last_event_id(task_id))
+    assert store.get(task_id)["cancel_requested"] is True
+    messages = [pubsub.get_message(timeout=1) for _ in range(3)]  # the first read takes the subscribe reply
+    assert [m["data"].decode() for m in messages if m] == [task_id]
+
+
 def test_every_file_the_architecture_doc_names_exists():
     doc = (REPO / "docs" / "architecture.md").read_text()
     named = set(re.findall(r"`((?:app|common|workers|workflows|deploy|comfyui_sim|bench)/[\w/.<>-]+\.py)`", doc))
