@@ -251,7 +251,8 @@ def _run_prompt(runtime, job: Job, payload: dict, prompt_id: str) -> dict:
                 job_logs.finished(task_id)
                 outcome = event
                 job.finished_ms = int(time.time() * 1000)
-            if progress is not None and job.started_ms and time.monotonic() - last_sent >= settings.progress_interval:
+            if progress is not None and job.started_ms and time.monotonic() - last_sent >= settings.progress_interval \
+                    and not client.ended(prompt_id):  # the outcome already waits: record it first
                 last_sent = time.monotonic()
                 job.progress(progress.as_dict())
     except ComfyWaitTimeout:

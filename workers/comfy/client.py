@@ -311,6 +311,13 @@ class ComfyClient:
                          error=None if isinstance(ev, Succeeded) else ev.payload(),
                          cached_nodes=entry.cached_nodes, source="history")
 
+    def ended(self, prompt_id: str) -> bool:
+        """The watched prompt's outcome (or its error) has arrived, though `events()` may not
+        have handed it out yet: what comes before it is already history."""
+        with self._reader.lock:
+            w = self._reader.watches.get(prompt_id)
+        return w is not None and w.finished
+
     def forget(self, prompt_id: str) -> None:
         """Stop watching a prompt (its buffered events are dropped)."""
         self._reader.forget(prompt_id)
