@@ -3,8 +3,9 @@
 Each job: POST /generate → first GET /tasks/{id} that shows `succeeded`, minus the time the
 simulator spent executing the prompt (its /sim/record busy start→end). Beside each service
 job, the same graph runs on the same simulator through the service's own ComfyClient
-(submit → wait → outputs downloaded): the floor any service on this client pays. Jobs run
-one at a time, alternating service and floor, so both see the same machine.
+(submit → wait → the outputs it listed downloaded, as the worker does): the floor any service
+on this client pays. Jobs run one at a time, alternating service and floor, so both see the
+same machine.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def _floor_job(client: ComfyClient, body: dict, n: int) -> dict:
     job = rendered(body, f"floor_{n}")
     t0 = time.time()
     sub = client.submit(job.api, extra_data={"extra_pnginfo": {"workflow": job.ui}})
-    client.wait(sub.prompt_id, timeout=30)
-    files = client.outputs(sub.prompt_id)
+    result = client.wait(sub.prompt_id, timeout=30)
+    files = client.outputs(sub.prompt_id, listed=result.outputs)  # as the worker: no second look at /history
     t1 = time.time()
     assert files, "the floor job produced no output"
     return {"prompt_id": sub.prompt_id, "t0": t0, "visible": t1}

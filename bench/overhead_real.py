@@ -2,9 +2,10 @@
 
 The `overhead` method on the named server: each service job (POST /generate → first GET
 /tasks/{id} showing `succeeded`, through a worker driving that ComfyUI) alternates with a floor
-job (the same kind of graph through `ComfyClient` straight on it: submit → wait → outputs
-downloaded), one at a time. From both, ComfyUI's own execution of the prompt is taken away, read
-from its history timestamps (bench/real.py), not from a simulator's record.
+job (the same kind of graph through `ComfyClient` straight on it: submit → wait → the outputs
+it listed downloaded, as the worker does), one at a time. From both, ComfyUI's own execution of
+the prompt is taken away, read from its history timestamps (bench/real.py), not from a
+simulator's record.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from workers.comfy_client import ComfyClient
 def _floor_job(client: ComfyClient, n: int) -> dict:
     t0 = time.time()
     sub = client.submit(real.graph(n, f"floor_{n}"))
-    client.wait(sub.prompt_id, timeout=30)
-    files = client.outputs(sub.prompt_id)
+    result = client.wait(sub.prompt_id, timeout=30)
+    files = client.outputs(sub.prompt_id, listed=result.outputs)  # as the worker: no second look at /history
     t1 = time.time()
     assert files, "the floor job produced no output"
     return {"prompt_id": sub.prompt_id, "t0": t0, "visible": t1}

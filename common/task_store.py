@@ -614,9 +614,7 @@ class TaskStore:
                            record if want_record else None, payload)
         return outcome
 
-    def _apply(self, name: str, task_id: str, *, queue: str, owner: str = "anonymous", to_queue: str | None = None,
-               instance: str | None = None, fields: dict | None = None, event: dict | None = None,
-               metric_ops: list[tuple] = (), want_record: bool = False) -> Outcome:
+    def _apply(self, name: str, task_id: str, **call) -> Outcome:
         """Apply lifecycle transition `name` to a job that is on `queue` (else refused).
 
         `instance`: for an owned transition, the worker that must own a handed or running job.
@@ -624,6 +622,53 @@ class TaskStore:
         `fields`: record fields set with it; `event`: the data of the event it appends;
         `metric_ops`: (op, key, field, value) counted only if it applies (common/metrics.py).
         """
+        call_keys, args = self._script_call(name, task_id, **call)
+        return self._outcome(name, task_id, self._transition(keys=call_keys, args=args))
+
+    def apply_in_turn(self, steps: list[tuple[str, str, dict]],
+                      then: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
+        """Several transitions, each (name, task id, `apply`'s keyword arguments), sent in one
+        round trip: a pipeline, not a transaction, so each is checked and applied by the script on
+        its own, in order, exactly as `apply` would one after the other. For a worker's last steps
+        of a job (its last `output`, then `succeed`: one refused is the other refused). Should
+        Redis be away meanwhile, the steps not known to have applied go through `apply` one by
+        one, which waits it out; any other error is raised, as `apply` would.
+        `then(i, outcome)` runs as each step's outcome is known, before the next one's webhook is
+        queued, so the caller's own webhooks keep the order of the events."""
+        calls = [self._script_call(name, task_id, **kw) for name, task_id, kw in steps]
+        try:
+            for _ in range(2):
+                pipe = self.redis.pipeline(transaction=False)
+                for call_keys, args in calls:
+                    pipe.evalsha(self._transition.sha, len(call_keys), *call_keys, *args)
+                replies = pipe.execute(raise_on_error=False)
+                if not any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                    break
+                self.redis.script_load(_TRANSITION)  # Redis restarted and forgot it: nothing ran
+            else:
+                raise redis.RedisError("the transition script could not be loaded")
+        except redis.RedisError:
+            replies = []
+        outcomes: list[Outcome] = []
+        for index, (name, task_id, kw) in enumerate(steps):
+            reply = replies[index] if index < len(replies) else None
+            if isinstance(reply, Exception) and not is_outage(reply):
+                raise reply  # as `apply` would have raised it
+            if reply is None or isinstance(reply, Exception):
+                replies = []  # Redis is away: from here on one by one, waiting it out
+                outcome = self.apply(name, task_id, **kw)
+            else:
+                outcome = self._outcome(name, task_id, reply)
+            outcomes.append(outcome)
+            if then is not None:
+                then(index, outcome)
+        return outcomes
+
+    def _script_call(self, name: str, task_id: str, *, queue: str, owner: str = "anonymous",
+                     to_queue: str | None = None, instance: str | None = None, fields: dict | None = None,
+                     event: dict | None = None, metric_ops: list[tuple] = (),
+                     want_record: bool = False) -> tuple[list[str], list]:
+        """KEYS and ARGV of the transition script for one transition (see `_TRANSITION`)."""
         spec = lifecycle.transition(name)
         # Owned transitions of a handed or running job need its worker; no instance matches none.
         must_own = (instance or "-") if spec.owned else ""
@@ -643,8 +688,14 @@ class TaskStore:
                 str(lifecycle.status_of(target)) if target else "", spec.event or "", _json(event or {}),
                 queue, to_queue, must_own, owner, int(time.time() * 1000), int(self.events_ttl), MAX_EVENTS,
                 "1" if want_record else "0", len(metric_ops), *ops, len(short), len(long), *short, *long]
-        applied, before, callback, event_id, cancel, record, payload, long = self._transition(keys=call_keys,
-                                                                                             args=args)
+        return call_keys, args
+
+    def _outcome(self, name: str, task_id: str, reply) -> Outcome:
+        """The script's reply as an `Outcome`; a status change of a job with a callback is
+        handed to `notify` (webhooks)."""
+        spec = lifecycle.transition(name)
+        target = spec.target
+        applied, before, callback, event_id, cancel, record, payload, long = reply
         before = _text(before)
         outcome = Outcome(
             applied=bool(applied), before=State(before) if before else None,
@@ -665,8 +716,15 @@ class TaskStore:
         """A cancel request (DELETE, or a Celery revoke): a job still in Celery is cancelled at
         once and never reaches a GPU; one a worker has is flagged, and its worker is told (it
         deletes the prompt from ComfyUI's queue or interrupts it, then records `cancel_run`)."""
-        last = self.last_event_id(task_id)
         queue, owner = record["queue"], record.get("owner", "anonymous")
+        if lifecycle.state_of(record) in (State.HANDED, State.RUNNING):
+            # A worker has it (as just read): flag it and tell the worker, two round trips in
+            # all; if it moved meanwhile, the full sequence below decides.
+            flagged, last = self._flag_cancel(task_id, queue, owner)
+            if flagged.applied:
+                self.redis.publish(CANCEL_CHANNEL, task_id)
+                return CancelResult("requested", flagged.before, last)
+        last = self.last_event_id(task_id)
         done = self.apply("cancel_waiting", task_id, queue=queue, owner=owner, fields={
             "finished_at": now_iso(), "cancel_requested": True}, event={"queue": queue},
             metric_ops=metrics.finished_ops(record, CANCELLED))
@@ -691,6 +749,24 @@ class TaskStore:
                 return self.cancel(task_id, current)
         self.redis.publish(CANCEL_CHANNEL, task_id)
         return CancelResult("requested", flagged.before, last)
+
+    def _flag_cancel(self, task_id: str, queue: str, owner: str) -> tuple[Outcome, str]:
+        """`request_cancel`, and the id of the job's last event just before it (where DELETE
+        starts waiting for the final one), in one round trip."""
+        call_keys, args = self._script_call("request_cancel", task_id, queue=queue, owner=owner,
+                                            fields={"cancel_requested": True})
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrevrange(keys.events(task_id), count=1)
+        pipe.evalsha(self._transition.sha, len(call_keys), *call_keys, *args)
+        entries, reply = pipe.execute(raise_on_error=False)
+        if isinstance(entries, Exception):
+            raise entries
+        last = _text(entries[0][0]) if entries else "0-0"
+        if isinstance(reply, redis.exceptions.NoScriptError):  # Redis forgot the script: nothing ran
+            reply = self._transition(keys=call_keys, args=args)
+        elif isinstance(reply, Exception):
+            raise reply
+        return self._outcome("request_cancel", task_id, reply), last
 
     def webhook_state(self, task_id: str, state: dict, retry_at_ms: int | None) -> None:
         """The webhook worker's record of a final delivery; `retry_at_ms` None: settled."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from common import lifecycle
+from common import keys, lifecycle
 from common.lifecycle import FINAL_STATES, TRANSITIONS, State, Status, apply
 from common.task_store import TaskStore
 
@@ -180,6 +180,56 @@ def test_an_upgrade_adopts_the_old_cost_totals(redis_server):
     assert store.adopt_legacy_totals(["gpu.u.0"]) == 0
     store.apply("cancel_waiting", old[1], queue="gpu.u.0")
     _assert_counters_hold(client, store, ["gpu.u.0"])
+
+
+def test_transitions_in_one_round_trip_decide_as_one_by_one(redis_server):
+    """`apply_in_turn` (a worker's last output with its `succeed`): each step is checked on its
+    own, in order, and a Redis that forgot the script (a restart) is handled."""
+    client = redis.Redis.from_url(redis_server.url)
+    store = TaskStore(client, 3600)
+
+    def running_job() -> str:
+        task_id = str(uuid.uuid4())
+        store.create({"task_id": task_id, "workflow": "w", "queue": "gpu.a.0", "owner": "o", "params": {},
+                      "created_at": "2026-01-01T00:00:00Z"}, {"graph": {}})
+        store.apply("hand", task_id, queue="gpu.a.0", owner="o", instance="w1", fields={"worker": "w1"})
+        store.apply("start", task_id, queue="gpu.a.0", owner="o", instance="w1")
+        return task_id
+
+    def steps(task_id: str, instance: str) -> list:
+        call = {"queue": "gpu.a.0", "owner": "o", "instance": instance}
+        return [("output", task_id, {**call, "event": {"index": 0}}), ("succeed", task_id, call)]
+
+    mine = running_job()
+    client.script_flush()
+    stored, done = store.apply_in_turn(steps(mine, "w1"))
+    assert stored.applied and done.applied and done.before == State.RUNNING
+    assert lifecycle.state_of(store.get(mine)) == State.SUCCEEDED
+    kinds = [fields[b"type"] for _, fields in client.xrange(keys.events(mine))]
+    assert kinds[-2:] == [b"output", b"succeeded"]
+    theirs = running_job()  # another worker owns it: both refused, nothing recorded
+    stored, done = store.apply_in_turn(steps(theirs, "w2"))
+    assert not stored.applied and not done.applied
+    assert lifecycle.state_of(store.get(theirs)) == State.RUNNING
+
+
+def test_a_cancel_of_a_handed_job_flags_it_and_tells_its_worker(redis_server):
+    """TaskStore.cancel's short way (the record says a worker has it), also when Redis forgot
+    the script; the last event id is where DELETE starts waiting."""
+    client = redis.Redis.from_url(redis_server.url)
+    store = TaskStore(client, 3600)
+    task_id = str(uuid.uuid4())
+    store.create({"task_id": task_id, "workflow": "w", "queue": "gpu.a.0", "owner": "o", "params": {},
+                  "created_at": "2026-01-01T00:00:00Z"}, {"graph": {}})
+    store.apply("hand", task_id, queue="gpu.a.0", owner="o", instance="w1", fields={"worker": "w1"})
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.CANCEL_CHANNEL)
+    client.script_flush()
+    result = store.cancel(task_id, store.get(task_id))
+    assert (result.outcome, result.state, result.last_event) == ("requested", State.HANDED, store.last_event_id(task_id))
+    assert store.get(task_id)["cancel_requested"] is True
+    messages = [pubsub.get_message(timeout=1) for _ in range(3)]  # the first read takes the subscribe reply
+    assert [m["data"].decode() for m in messages if m] == [task_id]
 
 
 def test_every_file_the_architecture_doc_names_exists():

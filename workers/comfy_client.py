@@ -23,9 +23,15 @@ Design (ComfyUI 0.8 protocol, see tests/transcripts/PROTOCOL.md):
   bare ``executing {node: null}`` (success message missed) is settled from ``/history``.
   The ``executing {node}`` the server replays to a reconnecting socket carries no prompt id;
   it is attributed to the prompt ``/queue`` shows running.
-* **Cancel never hits another prompt**: it reads ``/queue`` first, deletes a pending prompt
-  (``POST /queue {"delete"}``, confirmed), and interrupts (``POST /interrupt {"prompt_id"}``)
-  only while ``/queue`` shows this prompt running.
+* **Cancel never hits another prompt**: it interrupts only by ``POST /interrupt {"prompt_id"}``,
+  which ComfyUI applies only while that prompt is the running one (never the body-less, global
+  form), and deletes a pending prompt (``POST /queue {"delete"}``, confirmed by ``/queue`` and
+  ``/history``). What the stream already knows saves round trips: a prompt seen starting is
+  interrupted at once, one submitted and not seen starting is deleted before looking; an
+  unknown prompt is looked up in ``/queue`` first.
+* **Outputs without a second look**: ``outputs(prompt_id, listed=succeeded.outputs)`` downloads
+  the files the ``executed`` messages named (ComfyUI re-sends them for cached output nodes), or
+  those of the history entry the stream settled from; without ``listed`` it reads ``/history``.
 * Every HTTP call has a (connect, read) timeout; errors map onto a small hierarchy
   (`ComfyError` with ``code``, ``retryable`` and ``to_dict()`` for the service's error body).
   Logging goes through the stdlib logger ``workers.comfy``.
@@ -35,7 +41,7 @@ Usage::
     with ComfyClient("http://127.0.0.1:8188") as comfy:
         sub = comfy.submit(graph)
         result = comfy.wait(sub.prompt_id, on_event=print, timeout=600)
-        files = comfy.outputs(sub.prompt_id)
+        files = comfy.outputs(sub.prompt_id, listed=result.outputs)
 """
 from workers.comfy.client import ComfyClient, output_refs
 from workers.comfy.errors import (

@@ -53,10 +53,16 @@ class Job:
         self.started_ms: int | None = None
         self.finished_ms: int | None = None
 
+    def step(self, name: str, *, fields: dict | None = None, event: dict | None = None,
+             metric_ops=()) -> tuple[str, str, dict]:
+        """One transition of this job, as `TaskStore.apply_in_turn` takes it."""
+        return name, self.task_id, dict(queue=self.runtime.queue, owner=self.record.get("owner", "anonymous"),
+                                        instance=self.runtime.instance, fields=fields, event=event,
+                                        metric_ops=list(metric_ops))
+
     def apply(self, name: str, *, fields: dict | None = None, event: dict | None = None, metric_ops=()):
-        return self.runtime.store.apply(
-            name, self.task_id, queue=self.runtime.queue, owner=self.record.get("owner", "anonymous"),
-            instance=self.runtime.instance, fields=fields, event=event, metric_ops=list(metric_ops))
+        name, task_id, call = self.step(name, fields=fields, event=event, metric_ops=metric_ops)
+        return self.runtime.store.apply(name, task_id, **call)
 
     def start(self, comfy_ms: int | None = None):
         self.started_ms = int(time.time() * 1000)
@@ -77,22 +83,42 @@ class Job:
             self._hook("progress", {"task_id": self.task_id, **progress}, done.event_id)
 
     def output(self, index: int, item: dict, result: dict) -> bool:
+        step, data = self._output_step(index, item, result)
+        return self._output_recorded(self.runtime.store.apply(step[0], step[1], **step[2]), data)
+
+    def output_and_succeed(self, index: int, item: dict, so_far: dict, **fields) -> tuple[bool, object]:
+        """The last output (`so_far`: the result so far), then `succeed` with `fields`, in one
+        round trip; each applies as on its own: the output refused means the job is not ours,
+        and then `succeed` is refused as well."""
+        step, data = self._output_step(index, item, so_far)
+        stored, done = self.runtime.store.apply_in_turn(
+            [step, self._finish_step("succeed", "succeeded", **fields)],
+            then=lambda i, outcome: i == 0 and self._output_recorded(outcome, data))  # its webhook first
+        return stored.applied, done
+
+    def _output_step(self, index: int, item: dict, result: dict) -> tuple[tuple, dict]:
         data = {"index": index, "url": image_url(self.task_id, index, self.runtime.settings.public_url),
                 "content_type": item["content_type"], "width": item.get("width"), "height": item.get("height"),
                 "size": item["size"]}
         # Stored first: servable now, so the output event's URL works before the job's final event.
-        done = self.apply("output", fields={"result": result}, event=data)
+        return self.step("output", fields={"result": result}, event=data), data
+
+    def _output_recorded(self, done, data: dict) -> bool:
         if done:
             self._hook("output", {"task_id": self.task_id, **data}, done.event_id)
         return done.applied
 
     def finish(self, name: str, status: str, error: dict | None = None, **fields):
+        name, task_id, call = self._finish_step(name, status, error, **fields)
+        return self.runtime.store.apply(name, task_id, **call)
+
+    def _finish_step(self, name: str, status: str, error: dict | None = None, **fields) -> tuple[str, str, dict]:
         ops = metrics.finished_ops(self.record, status, error, started_ms=self.started_ms,
                                    finished_ms=self.finished_ms)
         fields = {"finished_at": now_iso(), **({"error": error} if error else {}), **fields}
         if self.finished_ms:
             fields["comfy_finished_ms"] = self.finished_ms
-        return self.apply(name, fields=fields, event={"queue": self.runtime.queue}, metric_ops=ops)
+        return self.step(name, fields=fields, event={"queue": self.runtime.queue}, metric_ops=ops)
 
     def _hook(self, kind: str, data: dict, event_id: str | None) -> None:
         try:
@@ -225,7 +251,8 @@ def _run_prompt(runtime, job: Job, payload: dict, prompt_id: str) -> dict:
                 job_logs.finished(task_id)
                 outcome = event
                 job.finished_ms = int(time.time() * 1000)
-            if progress is not None and job.started_ms and time.monotonic() - last_sent >= settings.progress_interval:
+            if progress is not None and job.started_ms and time.monotonic() - last_sent >= settings.progress_interval \
+                    and not client.ended(prompt_id):  # the outcome already waits: record it first
                 last_sent = time.monotonic()
                 job.progress(progress.as_dict())
     except ComfyWaitTimeout:
@@ -246,7 +273,7 @@ def _run_prompt(runtime, job: Job, payload: dict, prompt_id: str) -> dict:
         if gpu_started is not None and sampled:  # a run served from ComfyUI's cache measures nothing
             runtime.job_measured(job.record["workflow"], time.monotonic() - gpu_started,
                                  float(job.record.get("cost", 0)), job.record.get("checkpoint"))
-        return _finish_succeeded(runtime, job, prompt_id, tracker)
+        return _finish_succeeded(runtime, job, prompt_id, tracker, listed=outcome.outputs)
     if isinstance(outcome, Failed):
         return _finish_failed(job, _error(
             "comfyui", "execution_error",
@@ -297,15 +324,18 @@ def _retry_elsewhere(runtime, job: Job, exc: ComfyError) -> dict:
     raise Ignore()
 
 
-def _finish_succeeded(runtime, job: Job, prompt_id: str, tracker: ProgressTracker) -> dict:
+def _finish_succeeded(runtime, job: Job, prompt_id: str, tracker: ProgressTracker,
+                      listed: dict | None = None) -> dict:
     task_id = job.task_id
     images, files = [], []
-    try:
-        outputs = runtime.client.outputs(prompt_id)
+    try:  # the files the stream listed (no /history round trip), else those in /history
+        outputs = runtime.client.outputs(prompt_id, listed=listed)
     except ComfyError as exc:
         if exc.retryable:
             return _retry_elsewhere(runtime, job, exc)
         return _finish_failed(job, _error("comfyui", exc.code, exc.message, exc.details))
+    # The last image's `output` goes with `succeed`, in one round trip.
+    last_image = max((i for i, out in enumerate(outputs) if out.content_type.startswith("image/")), default=None)
     for index, out in enumerate(outputs):
         key = make_key(task_id, index, out.content_type, attempt=int(job.record.get("attempts", 1)))
         runtime.storage.put(key, out.data, out.content_type)
@@ -314,20 +344,30 @@ def _finish_succeeded(runtime, job: Job, prompt_id: str, tracker: ProgressTracke
         if out.content_type.startswith("image/"):
             item["width"], item["height"] = _image_size(out.data)
             images.append(item)
-            if not job.output(len(images) - 1, item, {"images": images, "files": files}):
-                # Another run of this job owns it now (at-least-once delivery): one result set only.
-                log.warning("task %s finished here but is no longer ours; result dropped", task_id)
-                raise Ignore()
+            if index != last_image and not job.output(len(images) - 1, item, {"images": images, "files": files}):
+                _not_ours(task_id)
         else:
             files.append(item)
-    done = job.finish("succeed", "succeeded", result={"images": images, "files": files},
-                      progress=tracker.finished().as_dict())
+    result = {"images": images, "files": files}
+    final = {"result": result, "progress": tracker.finished().as_dict()}
+    if last_image is None:
+        done = job.finish("succeed", "succeeded", **final)
+    else:
+        stored, done = job.output_and_succeed(len(images) - 1, images[-1], result, **final)
+        if not stored:
+            _not_ours(task_id)
     if not done:
         # Another run of this job already finished it (at-least-once delivery): one result set.
         log.warning("task %s finished on ComfyUI but its record is already %s; result dropped", task_id, done.before)
     else:
         log.info("task %s succeeded: %d image(s), %d other file(s)", task_id, len(images), len(files))
     return {"task_id": task_id, "status": "succeeded" if done else str(done.before), "images": len(images)}
+
+
+def _not_ours(task_id: str):
+    # Another run of this job owns it now (at-least-once delivery): one result set only.
+    log.warning("task %s finished here but is no longer ours; result dropped", task_id)
+    raise Ignore()
 
 
 def _finish_failed(job: Job, error: dict, **fields) -> dict:

@@ -72,6 +72,7 @@ class _Watch:
         self.cached_nodes: list[str] = []
         self.success_seen = False
         self.cancel_requested = False
+        self.started = False                # execution_start seen: ComfyUI runs it (or ran it)
         self.last_node: Optional[str] = None
         self.finished_at: Optional[float] = None
 
@@ -439,6 +440,7 @@ class _Reader(threading.Thread):
             return  # nobody waits for this prompt: drop it (no unbounded buffering)
 
         if mtype == "execution_start":
+            w.started = True
             w.push(Started(pid, data.get("timestamp")))
         elif mtype == "execution_cached":
             nodes = [str(n) for n in data.get("nodes") or []]
@@ -565,6 +567,8 @@ class _Reader(threading.Thread):
     def _resolve_one(self, w: _Watch, q: QueueState, live: bool) -> None:
         pid = w.prompt_id
         now = time.monotonic()
+        if pid in q.running_ids():
+            w.started = True
         if q.contains(pid) and not w.success_seen:
             w.trouble_since = now
             if live:

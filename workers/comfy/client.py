@@ -5,6 +5,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ._http import Http, normalize_base_url, ws_url_for
@@ -39,6 +40,7 @@ from .models import (
 )
 
 log = logging.getLogger("workers.comfy")
+_PARALLEL_DOWNLOADS = 4  # /view downloads at once: the HTTP pool keeps 4 sessions
 
 
 class ComfyClient:
@@ -314,32 +316,51 @@ class ComfyClient:
                          error=None if isinstance(ev, Succeeded) else ev.payload(),
                          cached_nodes=entry.cached_nodes, source="history")
 
+    def ended(self, prompt_id: str) -> bool:
+        """The watched prompt's outcome (or its error) has arrived, though `events()` may not
+        have handed it out yet: what comes before it is already history."""
+        with self._reader.lock:
+            w = self._reader.watches.get(prompt_id)
+        return w is not None and w.finished
+
     def forget(self, prompt_id: str) -> None:
         """Stop watching a prompt (its buffered events are dropped)."""
         self._reader.forget(prompt_id)
 
     # ------------------------------------------------------------------ outputs
-    def outputs(self, prompt_id: str, *, include_temp: bool = True, retry_for: float = 2.0) -> list[OutputFile]:
-        """Download every output file of every output node listed in ``/history`` (any output
-        key whose value is a list of ``{filename, subfolder, type}``: images, gifs, videos,
-        audio, ...). ``/history`` is retried for ``retry_for`` seconds when still empty
-        (``execution_success`` is sent just before history is written)."""
-        entry = self._history_retry(prompt_id, retry_for)
-        if entry is None:
-            if self._http.queue_state().contains(prompt_id):
-                raise ComfyError("prompt has not finished yet", prompt_id=prompt_id)
-            raise ComfyPromptLost("ComfyUI has no history for this prompt", prompt_id=prompt_id)
-        files = []
-        for node_id, kind, ref in output_refs(entry.outputs):
-            ftype = str(ref.get("type") or "output")
-            if ftype == "temp" and not include_temp:
-                continue
-            data, ctype = self.view(str(ref["filename"]), str(ref.get("subfolder") or ""), ftype,
-                                    prompt_id=prompt_id)
-            files.append(OutputFile(node_id=node_id, kind=kind, filename=str(ref["filename"]),
-                                    subfolder=str(ref.get("subfolder") or ""), type=ftype, content_type=ctype,
-                                    data=data))
-        return files
+    def outputs(self, prompt_id: str, *, include_temp: bool = True, retry_for: float = 2.0,
+                listed: Optional[dict[str, Any]] = None) -> list[OutputFile]:
+        """Download every output file of every output node (any output key whose value is a list
+        of ``{filename, subfolder, type}``: images, gifs, videos, audio, ...), in the order the
+        nodes are listed. ``listed``: the outputs the prompt's `Succeeded` event carries (the
+        ``executed`` messages seen live, cached nodes included, or its history entry's); when it
+        names files, ``/history`` is not read again. Otherwise ``/history`` is read, retried for
+        ``retry_for`` seconds when still empty (``execution_success`` is sent just before history
+        is written). Several files are downloaded at once."""
+        refs = list(output_refs(listed or {}))
+        if not refs:
+            entry = self._history_retry(prompt_id, retry_for)
+            if entry is None:
+                if self._http.queue_state().contains(prompt_id):
+                    raise ComfyError("prompt has not finished yet", prompt_id=prompt_id)
+                raise ComfyPromptLost("ComfyUI has no history for this prompt", prompt_id=prompt_id)
+            refs = list(output_refs(entry.outputs))
+        refs = [(node_id, kind, ref, str(ref.get("type") or "output")) for node_id, kind, ref in refs]
+        refs = [r for r in refs if include_temp or r[3] != "temp"]
+
+        def fetch(item: tuple[str, str, dict[str, Any], str]) -> OutputFile:
+            node_id, kind, ref, ftype = item
+            subfolder = str(ref.get("subfolder") or "")
+            data, ctype = self.view(str(ref["filename"]), subfolder, ftype, prompt_id=prompt_id)
+            return OutputFile(node_id=node_id, kind=kind, filename=str(ref["filename"]), subfolder=subfolder,
+                              type=ftype, content_type=ctype, data=data)
+
+        if len(refs) <= 1:
+            return [fetch(r) for r in refs]
+        # One connection each from the HTTP pool: a story's images arrive in about the time of one.
+        with ThreadPoolExecutor(max_workers=min(len(refs), _PARALLEL_DOWNLOADS),
+                                thread_name_prefix="comfy-view") as pool:
+            return list(pool.map(fetch, refs))
 
     def view(self, filename: str, subfolder: str = "", type: str = "output", *,
              prompt_id: Optional[str] = None) -> tuple[bytes, str]:
@@ -370,29 +391,38 @@ class ComfyClient:
     def cancel(self, prompt_id: str) -> CancelOutcome:
         """Cancel one prompt without touching any other:
 
-        * pending → ``POST /queue {"delete": [id]}``, confirmed via ``/queue`` → ``DELETED``;
-        * running → ``POST /interrupt {"prompt_id": id}``, sent only while ``/queue`` shows this
-          prompt as the running one → ``INTERRUPTED`` (the stream then ends with `Interrupted`);
+        * running → ``POST /interrupt {"prompt_id": id}``: ComfyUI interrupts only while this
+          prompt is the running one, so the call alone is safe → ``INTERRUPTED`` (the stream then
+          ends with `Interrupted`). When this client's stream already saw its ``execution_start``
+          that is all it sends; otherwise ``/queue`` tells running from pending first;
+        * pending → ``POST /queue {"delete": [id]}``, confirmed via ``/queue`` and ``/history``
+          → ``DELETED``; a prompt this client submitted and has not seen start is deleted at
+          once, before looking (a delete of a running prompt does nothing);
         * in history → ``FINISHED``; unknown → ``NOT_FOUND``.
         If the prompt starts running between the check and the delete, it is interrupted.
         """
+        with self._reader.lock:
+            w = self._reader.watches.get(prompt_id)
+            known = None if w is None or w.finished or not w.submitted else ("running" if w.started else "pending")
+        if known == "running":
+            self._interrupt_running(prompt_id)
+            return CancelOutcome.INTERRUPTED
+        q: Optional[QueueState] = None  # a pending prompt of ours is deleted before looking
         for _ in range(5):
-            q = self._http.queue_state()
-            if prompt_id in q.running_ids():
-                self._http.post_ack("/interrupt", {"prompt_id": prompt_id}, "POST /interrupt")
-                log.info("comfy: interrupt requested for running prompt %s", prompt_id)
+            if q is None and known != "pending":
+                q = self._http.queue_state()
+            if q is not None and prompt_id in q.running_ids():
+                self._interrupt_running(prompt_id)
                 return CancelOutcome.INTERRUPTED
-            if prompt_id in q.pending_ids():
+            if q is None or prompt_id in q.pending_ids():
                 with self._reader.lock:
                     w = self._reader.watches.get(prompt_id)
                     if w is not None:
                         w.cancel_requested = True  # absent from /queue and /history = deleted, not lost
                 self._http.post_ack("/queue", {"delete": [prompt_id]}, "POST /queue delete")
-                q2 = self._http.queue_state()
-                if prompt_id in q2.pending_ids():
-                    continue  # the delete did not take (yet): look again
-                if prompt_id in q2.running_ids():
-                    continue  # it started between the check and the delete: interrupt it (next round)
+                q = self._http.queue_state()
+                if prompt_id in q.pending_ids() or prompt_id in q.running_ids():
+                    continue  # the delete did not take (yet), or it started first: interrupt it (next round)
                 if self._http.history_entry(prompt_id) is not None:
                     return CancelOutcome.FINISHED  # started and finished in between
                 log.info("comfy: deleted pending prompt %s", prompt_id)
@@ -404,10 +434,16 @@ class ComfyClient:
             if self._http.history_entry(prompt_id) is not None:
                 return CancelOutcome.FINISHED
             # Not queued, not in history: unless it just moved from the queue into history...
-            if not self._http.queue_state().contains(prompt_id) and self._http.history_entry(prompt_id) is None:
+            q = self._http.queue_state()
+            if not q.contains(prompt_id) and self._http.history_entry(prompt_id) is None:
                 return CancelOutcome.NOT_FOUND
         raise ComfyProtocolError(f"could not cancel prompt {prompt_id}: queue state kept changing",
                                  prompt_id=prompt_id)
+
+    def _interrupt_running(self, prompt_id: str) -> None:
+        # Never the body-less (global) form: a prompt that finished meanwhile leaves the next one alone.
+        self._http.post_ack("/interrupt", {"prompt_id": prompt_id}, "POST /interrupt")
+        log.info("comfy: interrupt requested for running prompt %s", prompt_id)
 
     # ------------------------------------------------------------------ logs
     def subscribe_logs(self, enabled: bool = True, on_log: Optional[Callable[[LogEntry], None]] = None) -> bool:
