@@ -504,14 +504,6 @@ class TaskStore:
             call_keys += [keys.legacy_load(queue), *keys.queue_keys(queue)]
         return int(self._adopt(keys=call_keys, args=queues)) if queues else 0
 
-    def active_count(self, owner: str | None = None) -> int:
-        """Jobs not yet finished: of `owner`, or of the whole service."""
-        return int(self.redis.scard(keys.active(owner)))
-
-    def last_event_id(self, task_id: str) -> str:
-        entries = self.redis.xrevrange(keys.events(task_id), count=1)
-        return _text(entries[0][0]) if entries else "0-0"
-
     # Creating -----------------------------------------------------------------------------------
     def create(self, record: dict, payload: dict, *, max_active: int = 0, max_active_per_owner: int = 0,
                idempotency: tuple[str, str, int] | None = None, message: str = "",
