@@ -66,6 +66,8 @@ class Dictionaries:
         found = self._cache.get(dict_id)
         if found is None and self.redis is not None:
             found = self.redis.get(keys.payload_dictionary(dict_id))
+            if found is None:  # evicted or deleted: this version's own workflows may still make it
+                found = _local_workflow_dictionaries().get(dict_id)
             if found is None:
                 raise LookupError(f"compression dictionary {dict_id:08x} is not in Redis")
             with self._lock:
@@ -83,3 +85,13 @@ class Dictionaries:
         dict_id = named_dictionary(raw)
         unpacker = zlib.decompressobj(zdict=self.get(dict_id)) if dict_id is not None else zlib.decompressobj()
         return json.loads(unpacker.decompress(raw) + unpacker.flush())
+
+
+def _local_workflow_dictionaries() -> dict[int, bytes]:
+    """The payload dictionaries of the workflows this process has (workflows/), by id: a job
+    submitted by the same version reads back even if its dictionary left Redis."""
+    from workflows.catalog import load_catalog  # here: common/ needs workflows/ only on this path
+    from workflows.render import payload_dictionary
+
+    made = (payload_dictionary(workflow) for workflow in load_catalog().values())
+    return {dictionary_id(d): d for d in made}
