@@ -86,4 +86,10 @@ def run(quick: bool = False) -> dict:
     line = (f"{value['waiting_bytes']:,} B per waiting job (goal ≤ {GOALS['waiting_bytes']:,}), "
             f"{value['finished_bytes']:,} B per finished job kept RESULT_TTL (goal ≤ {GOALS['finished_bytes']:,}); "
             f"{value['finished_with_event_log_bytes']:,} B while its event log is kept (EVENTS_TTL)")
-    return {"title": "Redis memory per job", "line": line, "met": met, "value": value, "goals": GOALS}
+    return {"title": "Redis memory per job", "line": line, "met": met, "value": value, "goals": GOALS,
+            "goal": goal_text(GOALS)}
+
+
+def goal_text(goals: dict) -> str:
+    return (f"≤ {goals['waiting_bytes']:,} B per waiting job, ≤ {goals['finished_bytes']:,} B per finished job "
+            "kept RESULT_TTL")

@@ -17,6 +17,15 @@ STAGES = {"celery_api": "in Celery → API shows cancelled", "pending_sim": "pen
           "running_sim": "running → prompt stopped", "running_api": "running → API shows cancelled"}
 
 
+def _goal(name: str, f: dict) -> str:
+    if f.get("goal"):
+        return f["goal"]
+    if name == "memory" and f.get("goals"):  # results written before the figure stated its goal
+        from bench.memory import goal_text
+        return goal_text(f["goals"])
+    return "–"
+
+
 def _verdict(f: dict) -> str:
     if "error" in f:
         return "**error**"
@@ -288,8 +297,8 @@ def bottlenecks(results: dict) -> list[str]:
                 f"cores went to API {sub['cpu_cores']['api']}, Redis {sub['cpu_cores']['redis']}, load generator "
                 f"{sub['cpu_cores']['loadgen']}, other processes {sub['cpu_cores']['other']}. "
                 f"At that cost two cores allow at most ≈ {2000 / sub['api_cpu_ms_per_request']:.0f} submits/s with "
-                "nothing else running; 1000 submits/s leaves 2 ms of CPU per submit for the API, Redis and the load "
-                "generator together."]
+                f"nothing else running; half of /healthz's rate (the goal) would need at most "
+                f"{2 * hz.get('api_cpu_ms_per_request', 0):.2f} ms of API CPU per submit."]
         p = t.get("profile")
         if p and "error" in p:
             out += ["", f"The profile could not be taken: {p['error']}."]
@@ -352,7 +361,7 @@ def bottlenecks(results: dict) -> list[str]:
         out += ["", f"**Cancel.** Worst stage: {STAGES.get(c['worst']['stage'], c['worst']['stage'])}, p95 "
                 f"{c['worst']['p95_ms']} ms (direct client: {c['baseline']['ms'].get('running_sim', {}).get('p95')} ms to stop a "
                 f"running prompt). The interrupt's arrival at ComfyUI, p95 {c['stages_ms']['running_interrupt']['p95']} ms, "
-                "is the service's part (API → pub/sub → worker's cancel listener → /queue check → /interrupt); the rest "
+                "is the service's part (API → pub/sub → worker's cancel listener → /interrupt naming the prompt); the rest "
                 "is ComfyUI finishing its current step."]
     d = figs.get("dispatch")
     if d and d.get("met") is False and "fitted" in d:
@@ -569,7 +578,7 @@ def write(results: dict, docs: Path, chaos: dict | None = None) -> Path:
         if name in figs:
             f = figs[name]
             lines.append(f"| {n} | [{f['title']}](#{n}-{f['title'].lower().replace(' ', '-')}) | {f['line']} | "
-                         f"{f.get('goal') or '–'} | {_verdict(f)} | {f['measured_at']}{' (quick)' if f.get('quick') else ''}, "
+                         f"{_goal(name, f)} | {_verdict(f)} | {f['measured_at']}{' (quick)' if f.get('quick') else ''}, "
                          f"{f['seconds']:.0f} s | {f.get('foreign_cpu_cores', '–')} |")
     lines += ["", "## Where goals are missed", "", *bottlenecks(results)]
     for name, n in ORDER:
