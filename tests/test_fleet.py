@@ -293,9 +293,13 @@ def test_warm_shutdown_drains_the_worker_and_moves_what_waits(fleet_factory):
     sims, workers = fleet.start_gpus(2, "--step-seconds", "0.03")
     tasks = [submit(fleet.url, job(steps=30)) for _ in range(10)]
     r = redis.Redis.from_url(fleet.redis.url)
-    wait_until(lambda: r.scard("cs:running:gpu.test.1") == 2 and r.zcard("cs:queued:gpu.test.1") >= 1, 15,
+    # Both of its slots taken (one prompt running, the next inside ComfyUI's queue; "running" alone is 2
+    # only in the instant between one prompt's start and the previous one's end being recorded).
+    def taken() -> set[str]:
+        return {m.decode() for m in [*r.smembers("cs:running:gpu.test.1"), *r.zrange("cs:handed:gpu.test.1", 0, -1)]}
+    wait_until(lambda: len(taken()) == 2 and r.zcard("cs:queued:gpu.test.1") >= 1, 15,
                what="gpu.test.1 busy with jobs waiting behind")
-    running_there = {m.decode() for m in r.smembers("cs:running:gpu.test.1")}
+    running_there = taken()
     workers[1].proc.send_signal(signal.SIGTERM)  # warm shutdown, as `celery control shutdown` or a deploy does
     docs = all_done(fleet, tasks, timeout=90)
     workers[1].proc.wait(30)
