@@ -233,12 +233,15 @@ def generate():
                        else "no healthy GPU worker is available for this workflow")
             raise ServiceError(503, "no_worker", message, {"workflow": name, "checkpoint": job.checkpoint},
                                headers={"Retry-After": "5"})
+    # Fields at their defaults are not stored (every reader defaults them: no cancel requested, no
+    # attempt yet, no pin): a finished job's record is kept for RESULT_TTL, so bytes count.
     record = {
         "task_id": task_id, "status": QUEUED, "workflow": name, "queue": queue, "params": rendered.params,
         "owner": owner, "created_at": now_iso(), "created_ms": int(time.time() * 1000),
-        "expected_images": rendered.expected_images, "cancel_requested": False,
-        "cost": rendered.cost, "checkpoint": rendered.checkpoint, "pin": pin, "attempts": 0, "attempt_log": [],
+        "expected_images": rendered.expected_images, "cost": rendered.cost, "checkpoint": rendered.checkpoint,
     }
+    if pin:
+        record["pin"] = pin
     if callback:
         record["callback"] = callback
     if waiting_reason:
