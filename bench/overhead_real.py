@@ -13,7 +13,7 @@ import time
 
 from bench import real
 from bench.harness import stack, summary
-from bench.overhead import GOAL_P50_RATIO, GOAL_P99_RATIO, WARMUP, _service_job
+from bench.overhead import GOAL_P50_RATIO, GOAL_P99_RATIO, WARMUP, _service_job, judge
 from workers.comfy_client import ComfyClient
 
 
@@ -69,9 +69,7 @@ def run(quick: bool = False, comfyui_url: str | None = None) -> dict:
         floor_phases["end → outputs"].append(j["visible"] - r["end"])
     execution = summary([r["end"] - r["start"] for r in ran.values()])
 
-    d50, d95, d99 = (round(s_sum[k] - f_sum[k], 2) for k in ("p50", "p95", "p99"))
-    r50, r99 = (round(s_sum[k] / f_sum[k], 2) if f_sum[k] else None for k in ("p50", "p99"))
-    met = r50 is not None and r99 is not None and r50 <= GOAL_P50_RATIO and r99 <= GOAL_P99_RATIO
+    d50, d95, d99, r50, r99, met = judge(s_sum, f_sum)
     return {
         "title": "Service overhead per job on a real ComfyUI",
         "line": (f"ComfyUI {server['comfyui_version']}: service ÷ floor: p50 {r50}× ({s_sum['p50']:.1f} / "

@@ -13,6 +13,7 @@ never change: another content is another id).
 """
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import zlib
@@ -87,6 +88,7 @@ class Dictionaries:
         return json.loads(unpacker.decompress(raw) + unpacker.flush())
 
 
+@functools.cache
 def _local_workflow_dictionaries() -> dict[int, bytes]:
     """The payload dictionaries of the workflows this process has (workflows/), by id: a job
     submitted by the same version reads back even if its dictionary left Redis."""
