@@ -118,12 +118,19 @@ class NodeContext:
     async def run_steps(self, total: int, seconds, previews: bool, own_check=None) -> None:
         """The loop of every stepping node: interrupt check, failure checks, the work,
         then the progress hook (which checks for an interrupt again)."""
+        # Steps are paced on a clock, so the work around each sleep (messages, checks) does not
+        # stretch --step-seconds: a step of 20 ms is 20 ms apart, as ComfyUI's it/s measures it.
+        deadline = time.perf_counter()
         for step in range(1, total + 1):
             await self.check()
             if own_check is not None:
                 own_check(step)
             self.fault_fail(step)
-            await asyncio.sleep(seconds())
+            length, now = seconds(), time.perf_counter()
+            if now - deadline > length:  # behind by a whole step (a stall, a starved loop): resync
+                deadline = now
+            deadline += length
+            await asyncio.sleep(deadline - now)
             await self.reached(step)
             await self.progress(step, total, images.preview_jpeg(step % 4) if previews else None)
 
