@@ -54,3 +54,23 @@ def test_real_figures_need_a_comfyui_url(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path), "idle_real"], cwd=REPO,
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 2 and "--comfyui-url" in run.stderr, run.stderr
+
+
+def test_dispatch_bound_on_measured_costs_is_below_every_schedule_and_every_calibration_prompt():
+    """The dispatch figure's judged bound: each GPU's envelope lies under all its measured
+    prompts, and for a burst the bound is the total work over the fleet's capacity, which
+    an exact split of equal jobs reaches and nothing beats."""
+    from bench.dispatch import envelope, measured_bound
+
+    points = [(4, 0.06), (10, 0.125), (25, 0.27), (70, 0.72), (4, 0.055), (10, 0.12)]
+    a, b = envelope(points)
+    assert all(y >= a * x + b - 1e-12 for x, y in points)
+    assert any(abs(y - (a * x + b)) < 1e-12 for x, y in points)  # it touches the fastest prompt
+
+    costs = [(0.01, 0.01), (0.02, 0.02)]  # two GPUs: 100 and 50 steps/s, one step-equivalent each per prompt
+    steps = [9] * 30  # 10 step-equivalents per job, 300 in all, at 150 steps/s
+    assert measured_bound([0.0] * 30, steps, costs) == pytest.approx(2.0)
+    # 20 jobs on the fast GPU (20 × 0.1 s) and 10 on the slow one (10 × 0.2 s) both end at 2 s.
+    assert 20 * (0.01 * 9 + 0.01) == pytest.approx(2.0) and 10 * (0.02 * 9 + 0.02) == pytest.approx(2.0)
+    # A late, long job is bounded by its own time on the GPU that runs it soonest.
+    assert measured_bound([0.0, 5.0], [1, 100], costs) == pytest.approx(5.0 + 0.01 * 100 + 0.01)
