@@ -11,16 +11,26 @@ taken). Then DELETE C, B, A in turn and time, from just before each DELETE:
 
 Baseline in the same run: ComfyClient.cancel() straight on the simulator for a running and
 a pending prompt (the floor of stopping a prompt in ComfyUI at all).
+
+A running prompt stops at its next step check, so both stop times include the rest of the
+step the cancel lands in. Both rounds therefore time their running cancel at the same phase
+distribution: after the pending one's cancel, the same fixed pause plus a seeded uniform delay
+in [0, one step), the same delay for round n of both (uniform, the landing phase is uniform
+whatever the anchor's own phase was).
 """
 from __future__ import annotations
 
+import random
 import time
 
 from bench.harness import API, StatusListener, rendered, short_job, stack, summary, wait_until
 from workers.comfy_client import ComfyClient
 
 GOAL_RATIO = 1.5  # issue 16: API-visible cancel of a running job p95 ÷ the direct client's stop p95
+STEP = 0.01  # the simulator's --step-seconds
 LONG = {"steps": 100, "scenes": 4}  # 4 s of 10 ms steps: only our cancel ends it
+SETTLE = 0.02  # s after the pending prompt's cancel before the running one's (both rounds)
+SEED = 16  # the running cancels' phase delays (issue 16), the same in every run
 
 
 def _delete(s, task_id: str) -> float:
@@ -42,7 +52,7 @@ def _prompt(s, task_id: str):
     return s.record(task_id).get("prompt_id")
 
 
-def _service_round(s, sim, listener) -> dict:
+def _service_round(s, sim, listener, delay: float) -> dict:
     a = s.submit(short_job(**LONG))["task_id"]
     pa = wait_until(lambda: _prompt(s, a), 10, interval=0.005, what="A submitted")
     wait_until(lambda: _running(sim, pa), 10, interval=0.005, what="A running")
@@ -60,6 +70,7 @@ def _service_round(s, sim, listener) -> dict:
     out["pending_api"] = _delete(s, b) - t0
     t_deleted = listener.first_after(t0)
     out["pending_sim"] = None if t_deleted is None else t_deleted - t0
+    time.sleep(SETTLE + delay)
     t0 = time.time()
     out["running_api"] = _delete(s, a) - t0
     busy = wait_until(lambda: next((x for x in sim.record()["busy"] if x["prompt_id"] == pa), None), 10,
@@ -75,13 +86,14 @@ def _service_round(s, sim, listener) -> dict:
     return out
 
 
-def _direct_round(client: ComfyClient, sim, listener, n: int) -> dict:
+def _direct_round(client: ComfyClient, sim, listener, n: int, delay: float) -> dict:
     x = client.submit(rendered(short_job(**LONG), f"cx_{n}").api).prompt_id
     y = client.submit(rendered(short_job(**LONG), f"cy_{n}").api).prompt_id
     wait_until(lambda: _running(sim, x), 10, interval=0.005, what="X running")
     t0 = time.time()
     client.cancel(y)
     t_deleted = listener.first_after(t0)
+    time.sleep(SETTLE + delay)
     t1 = time.time()
     client.cancel(x)
     busy = wait_until(lambda: next((b for b in sim.record()["busy"] if b["prompt_id"] == x), None), 10,
@@ -92,11 +104,12 @@ def _direct_round(client: ComfyClient, sim, listener, n: int) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    rounds = 3 if quick else 25
+    rounds = 3 if quick else 100
+    phase = random.Random(SEED)
     samples: dict[str, list] = {}
     base: dict[str, list] = {}
     with stack("cancel") as s:
-        sim = s.sim(step=0.01)
+        sim = s.sim(step=STEP)
         s.worker(sim)
         s.api()
         s.ready()
@@ -105,9 +118,10 @@ def run(quick: bool = False) -> dict:
         try:
             with ComfyClient(sim.url, timeout=10) as client:
                 for n in range(rounds):
-                    for k, v in _service_round(s, sim, listener).items():
+                    delay = phase.uniform(0, STEP)
+                    for k, v in _service_round(s, sim, listener, delay).items():
                         samples.setdefault(k, []).append(v)
-                    for k, v in _direct_round(client, sim, listener, n).items():
+                    for k, v in _direct_round(client, sim, listener, n, delay).items():
                         base.setdefault(k, []).append(v)
         finally:
             listener.close()
@@ -134,7 +148,11 @@ def run(quick: bool = False) -> dict:
         "baseline": {"name": "ComfyClient.cancel() on the simulator directly", "ms": base_stats,
                      "difference_p95_ms": {k: round(stats[k]["p95"] - base_stats[k]["p95"], 2) for k in base_stats}},
         "stages_ms": stats,
-        "setup": {"rounds": rounds, "simulator": "--step-seconds 0.01 (an interrupt lands at the next step, ≤ 10 ms)",
+        "setup": {"rounds": rounds, "simulator": f"--step-seconds {STEP:g} (an interrupt lands at the next step, "
+                                                 f"≤ {STEP * 1000:g} ms)",
+                  "phase": f"both rounds cancel the running prompt {SETTLE * 1000:g} ms + a uniform random delay in "
+                           f"[0, {STEP * 1000:g}) ms (seed {SEED}, the same delay for round n of both) after the "
+                           "pending prompt's cancel, so the cancel lands at a uniform phase of the step in both",
                   "api": "gunicorn gevent -w 2 (as make run)", "worker": "WORKER_CONCURRENCY=2"},
         "series": {k: [round(x * 1000, 3) for x in v if x is not None] for k, v in samples.items()},
     }

@@ -193,8 +193,9 @@ def cancel(f: dict, docs: Path) -> list[str]:
     rows = ["| stage | p50 | p95 | p99 | max | direct client p95 |", "|---|---|---|---|---|---|"]
     rows += [f"| {STAGES[k]} | {_ms(st[k])} | {base[k]['p95']:.2f} |" if k in base else f"| {STAGES[k]} | {_ms(st[k])} | – |"
              for k in keys]
-    return [f"{f['setup']['rounds']} rounds; simulator {f['setup']['simulator']}. The goal is judged on every row but "
-            "the interrupt's arrival (shown for where the time goes). Milliseconds:", "", *rows, "", img]
+    phase = f"; timing: {f['setup']['phase']}" if f["setup"].get("phase") else ""
+    return [f"{f['setup']['rounds']} rounds; simulator {f['setup']['simulator']}{phase}. The goal is judged on every "
+            "row but the interrupt's arrival (shown for where the time goes). Milliseconds:", "", *rows, "", img]
 
 
 def throughput(f: dict, docs: Path) -> list[str]:
