@@ -69,7 +69,8 @@ end
 # JSON, [7] queue the job must be on ('' = any), [8] queue it goes to, [9] worker instance that
 # must own it when handed or running ('' = no check), [10] owner, [11] now ms, [12] seconds a
 # finished job's log is kept, [13] MAXLEN of the log, [14] '1': return the record and payload,
-# [15] number of metric operations N, then N × (op, key index, field, value), then the number of
+# [15] number of side operations N, then N × (op, key index, field, value): metrics, or 'publish'
+# (field: the channel, value: the message; key index unused), then the number of
 # values to set in the record's hash (2 × fields) and in its long values' hash, then those
 # field/value pairs (short JSON; compressed JSON).
 # Returns {applied, state before, callback, event id, cancel requested, record, payload, long values}.
@@ -125,7 +126,8 @@ for _ = 1, n do
   local op, key, f, v = ARGV[i], KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], ARGV[i + 3]
   if op == 'hincrby' then redis.call('HINCRBY', key, f, v)
   elseif op == 'hincrbyfloat' then redis.call('HINCRBYFLOAT', key, f, v)
-  elseif op == 'set' then redis.call('SET', key, v) end
+  elseif op == 'set' then redis.call('SET', key, v)
+  elseif op == 'publish' then redis.call('PUBLISH', f, v) end
   i = i + 4
 end
 local n_short, n_long = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
@@ -612,7 +614,8 @@ class TaskStore:
         `instance`: for an owned transition, the worker that must own a handed or running job.
         `to_queue`: where the job goes (requeue, or a worker taking a job from another queue).
         `fields`: record fields set with it; `event`: the data of the event it appends;
-        `metric_ops`: (op, key, field, value) counted only if it applies (common/metrics.py).
+        `metric_ops`: (op, key, field, value) counted only if it applies (common/metrics.py);
+        ("publish", None, channel, message) publishes only if it applies.
         """
         call_keys, args = self._script_call(name, task_id, **call)
         return self._outcome(name, task_id, self._transition(keys=call_keys, args=args))
@@ -669,6 +672,9 @@ class TaskStore:
         metric_keys: list[str] = []
         ops: list[str] = []
         for op, key, fname, value in metric_ops:
+            if op == "publish":  # a channel, not a key
+                ops += [op, "0", fname, str(value)]
+                continue
             if key not in metric_keys:
                 metric_keys.append(key)
             ops += [op, str(15 + metric_keys.index(key)), fname, str(value)]
@@ -710,11 +716,11 @@ class TaskStore:
         deletes the prompt from ComfyUI's queue or interrupts it, then records `cancel_run`)."""
         queue, owner = record["queue"], record.get("owner", "anonymous")
         if lifecycle.state_of(record) in (State.HANDED, State.RUNNING):
-            # A worker has it (as just read): flag it and tell the worker, two round trips in
-            # all; if it moved meanwhile, the full sequence below decides.
+            # A worker has it (as just read): flag it and tell the worker (the script publishes
+            # once the flag is set), one round trip; if it moved meanwhile, the full sequence
+            # below decides.
             flagged, last = self._flag_cancel(task_id, queue, owner)
             if flagged.applied:
-                self.redis.publish(CANCEL_CHANNEL, task_id)
                 return CancelResult("requested", flagged.before, last)
         last = self.last_event_id(task_id)
         done = self.apply("cancel_waiting", task_id, queue=queue, owner=owner, fields={
@@ -743,10 +749,12 @@ class TaskStore:
         return CancelResult("requested", flagged.before, last)
 
     def _flag_cancel(self, task_id: str, queue: str, owner: str) -> tuple[Outcome, str]:
-        """`request_cancel`, and the id of the job's last event just before it (where DELETE
-        starts waiting for the final one), in one round trip."""
+        """`request_cancel`, publishing the request to the workers if it applies, and the id of
+        the job's last event just before it (where DELETE starts waiting for the final one), in
+        one round trip."""
         call_keys, args = self._script_call("request_cancel", task_id, queue=queue, owner=owner,
-                                            fields={"cancel_requested": True})
+                                            fields={"cancel_requested": True},
+                                            metric_ops=[("publish", None, CANCEL_CHANNEL, task_id)])
         pipe = self.redis.pipeline(transaction=False)
         pipe.xrevrange(keys.events(task_id), count=1)
         pipe.evalsha(self._transition.sha, len(call_keys), *call_keys, *args)

@@ -232,6 +232,26 @@ def test_a_cancel_of_a_handed_job_flags_it_and_tells_its_worker(redis_server):
     assert [m["data"].decode() for m in messages if m] == [task_id]
 
 
+def test_a_cancel_that_finds_the_job_ended_tells_no_worker(redis_server):
+    """The short way acts on a record read before: if the job ended meanwhile, `request_cancel`
+    is refused and nothing is published (the script publishes only when the flag is set)."""
+    client = redis.Redis.from_url(redis_server.url)
+    store = TaskStore(client, 3600)
+    task_id = str(uuid.uuid4())
+    store.create({"task_id": task_id, "workflow": "w", "queue": "gpu.a.0", "owner": "o", "params": {},
+                  "created_at": "2026-01-01T00:00:00Z"}, {"graph": {}})
+    store.apply("hand", task_id, queue="gpu.a.0", owner="o", instance="w1", fields={"worker": "w1"})
+    seen = store.get(task_id)  # handed, as DELETE read it
+    store.apply("start", task_id, queue="gpu.a.0", owner="o", instance="w1")
+    store.apply("succeed", task_id, queue="gpu.a.0", owner="o", instance="w1")
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.CANCEL_CHANNEL)
+    assert pubsub.get_message(timeout=1) is None  # takes the subscribe reply
+    result = store.cancel(task_id, seen)
+    assert (result.outcome, result.state) == ("finished", State.SUCCEEDED)
+    assert pubsub.get_message(timeout=0.5) is None and not store.get(task_id).get("cancel_requested")
+
+
 def test_every_file_the_architecture_doc_names_exists():
     doc = (REPO / "docs" / "architecture.md").read_text()
     named = set(re.findall(r"`((?:app|common|workers|workflows|deploy|comfyui_sim|bench)/[\w/.<>-]+\.py)`", doc))
