@@ -16,7 +16,7 @@ from common.task_view import API, task_document
 from common.task_store import QUEUED, TERMINAL, is_outage, now_iso
 from common.dispatch import JobSpec, choose, healthy, known_checkpoints, waiting_queue
 from common import producer
-from common import events, keys, metrics, webhooks
+from common import keys, metrics, webhooks
 from workflows import raw
 from workflows.render import payload_dictionary, render, resolve_seed
 
@@ -373,9 +373,9 @@ def cancel_task(task_id: str):
     result = svc.store.cancel(task_id, record)
     if result.outcome == "finished":
         raise _finished(task_id, str(result.state))
-    if result.outcome == "requested":
-        _wait_final(task_id, result.last_event or "0-0", CANCEL_WAIT_SECONDS)
-    document = _document(task_id)
+    waited = _wait_final(task_id, result.last_event or "0-0", CANCEL_WAIT_SECONDS) \
+        if result.outcome == "requested" else None
+    document = _document(task_id, waited)
     response = jsonify(document)
     response.status_code = 200 if document["status"] in TERMINAL else 202
     return response
@@ -386,16 +386,19 @@ def _finished(task_id: str, status: str) -> ServiceError:
                         {"task_id": task_id, "status": status})
 
 
-def _wait_final(task_id: str, after: str, seconds: float) -> None:
-    """Block on the job's event log (XREAD BLOCK) until its final event or the deadline."""
+def _wait_final(task_id: str, after: str, seconds: float) -> dict | None:
+    """Block on the job's event log (XREAD BLOCK) until its final event or the deadline; the
+    record as last read with the events (final if the final event came), None if none was."""
     svc = services()
     client = svc.events_redis or svc.redis
     deadline = time.monotonic() + seconds
+    record = None
     while (left := deadline - time.monotonic()) > 0:
-        for event in events.read(client, task_id, after, block_ms=max(int(left * 1000), 1)):
-            if event.type in events.FINAL:
-                return
-            after = event.id
+        found, record = svc.store.events_then_record(client, task_id, after, block_ms=max(int(left * 1000), 1))
+        if record is None or record["status"] in TERMINAL:  # read after the events: final with the final one
+            return record
+        after = found[-1].id if found else after
+    return record
 
 
 def _needs(job: JobSpec) -> str:

@@ -69,7 +69,11 @@ def _decode(entries) -> list[Event]:
 def read(client: redis.Redis, task_id: str, after: str = "0-0", count: int = 200,
          block_ms: int | None = None) -> list[Event]:
     """Events after `after` (oldest first); with `block_ms`, wait that long for the first one."""
-    reply = client.xread({events_key(task_id): after}, count=count, block=block_ms)
+    return from_reply(client.xread({events_key(task_id): after}, count=count, block=block_ms))
+
+
+def from_reply(reply) -> list[Event]:
+    """XREAD's reply for one job's log as events (none when it timed out)."""
     return _decode(reply[0][1]) if reply else []
 
 

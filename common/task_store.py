@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 import redis
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from common import compact, keys, lifecycle, metrics
+from common import compact, events, keys, lifecycle, metrics
 from common.lifecycle import State, Status
 
 log = logging.getLogger("comfy.tasks")
@@ -439,6 +439,19 @@ class TaskStore:
     # Reading ------------------------------------------------------------------------------------
     def get(self, task_id: str) -> dict | None:
         return read_record(self.redis, task_id)
+
+    def events_then_record(self, client: redis.Redis, task_id: str, after: str,
+                           block_ms: int) -> tuple[list[events.Event], dict | None]:
+        """The job's events after `after`, waiting up to `block_ms` for the first (XREAD BLOCK
+        on `client`, the event streams' own pool), and its record as it stands once they came,
+        in one round trip: Redis runs the reads queued behind a blocked XREAD as it unblocks,
+        so whoever waits for the final event has the final record with it."""
+        pipe = client.pipeline(transaction=False)
+        pipe.xread({keys.events(task_id): after}, count=200, block=block_ms)
+        pipe.hgetall(keys.task(task_id))
+        pipe.hgetall(keys.task_long(task_id))
+        reply, raw, long = pipe.execute()
+        return events.from_reply(reply), decode_record(raw, long, self.dictionaries) if raw else None
 
     def exists(self, task_id: str) -> bool:
         return bool(self.redis.exists(keys.task(task_id)))

@@ -188,6 +188,27 @@ def test_cancel_at_each_stage_touches_only_that_job(fleet_factory):
     assert [i["interrupted_prompt_id"] for i in record["interrupts"]] == [prompt["running"]]
 
 
+def test_a_cancel_comfyui_does_not_act_on_in_time_answers_202_then_ends_cancelled(fleet_factory):
+    """DELETE waits CANCEL_WAIT_SECONDS for the final event: a GPU frozen mid-step (deaf to the
+    interrupt, as a hung kernel) leaves the job running with its cancel asked (202); once the
+    GPU resumes, the interrupt takes effect and the job ends cancelled."""
+    fleet = fleet_factory()
+    sim = fleet.add_sim("--step-seconds", "0.05")
+    fleet.add_worker(sim)
+    fleet.wait_workers()
+    fleet.start_api()
+    task = submit(fleet.url, story(steps=60))
+    prompt = wait_until(lambda: task_record(fleet, task["task_id"]).get("prompt_id"), 15, what="submitted")
+    wait_until(lambda: (sim.record()["running"] or {}).get("prompt_id") == prompt, 15, what="running in ComfyUI")
+    sim.faults(stall=True)
+    answer = requests.delete(f"{fleet.url}/api/v1/tasks/{task['task_id']}", timeout=10)
+    assert answer.status_code == 202, answer.text
+    assert (answer.json()["status"], answer.json()["cancel_requested"]) == ("running", True)
+    sim.faults(stall=False)
+    assert wait_status(fleet.url, task["task_id"], timeout=30)["status"] == "cancelled"
+    assert [b["outcome"] for b in sim.record()["busy"] if b["prompt_id"] == prompt] == ["interrupted"]
+
+
 def test_api_restart_loses_nothing(fleet):
     task = submit(fleet.url, story(steps=40))
     fleet.api.stop(signal.SIGKILL)
