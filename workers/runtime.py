@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -96,6 +97,7 @@ class WorkerRuntime:
         self._cancelled: set[str] = set()  # cancels sent to ComfyUI for jobs still active here
         self._cancel_pending: set[str] = set()  # cancels asked before the prompt reached ComfyUI
         self._revokes_seen: set[str] = set()
+        self._to_cancel: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # the canceller's work
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -243,7 +245,8 @@ class WorkerRuntime:
                                notifier=self.notifier, webhook_resend_after=self.settings.webhook_resend_after,
                                grace=self.settings.reconcile_grace, job_timeout=self.settings.job_timeout,
                                collect=lambda record: collect(self, record))
-        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._cancel_loop, "cancel-listener")):
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._cancel_loop, "cancel-listener"),
+                             (self._canceller, "canceller")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -253,6 +256,7 @@ class WorkerRuntime:
         left behind is forgotten (removed on purpose: no "worker down" alert); one that still
         has jobs stays known, so the monitor moves them and the alert tells the operator."""
         self._stop.set()
+        self._to_cancel.put(None)  # wakes the canceller to see the stop
         try:
             self.registry.withdraw(self.queue)
             if not self.store.taken(self.queue) and not self.store.waiting(self.queue):
@@ -317,7 +321,20 @@ class WorkerRuntime:
             result = self.store.cancel(task_id, record)
             log.info("task %s revoked through Celery: %s", task_id, result.outcome)
             if task_id in self.active():
-                threading.Thread(target=self.cancel_local, args=(task_id,), daemon=True).start()
+                self._to_cancel.put(task_id)
+
+    def _canceller(self) -> None:
+        """Sends the cancels the listener hears to ComfyUI, in a thread already running (one
+        started per cancel costs its start on every cancel's path), so the listener goes back
+        to listening at once, ComfyUI slow to answer or not."""
+        while not self._stop.is_set():
+            task_id = self._to_cancel.get()
+            if task_id is None:
+                continue
+            try:
+                self.cancel_local(task_id)
+            except Exception:  # noqa: BLE001 - the next cancel must still go out (the sweep retries this one)
+                log.exception("cancel of task %s failed", task_id)
 
     def _cancel_loop(self) -> None:
         while not self._stop.is_set():
@@ -329,7 +346,7 @@ class WorkerRuntime:
                     if message and message["type"] == "message":
                         task_id = message["data"].decode()
                         if task_id in self.active():
-                            threading.Thread(target=self.cancel_local, args=(task_id,), daemon=True).start()
+                            self._to_cancel.put(task_id)
                     self._watch_revokes()
             except redis.RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); reconnecting", exc)
