@@ -366,8 +366,10 @@ def bottlenecks(results: dict) -> list[str]:
         out += ["", f"**Cancel.** Worst stage: {STAGES.get(c['worst']['stage'], c['worst']['stage'])}, p95 "
                 f"{c['worst']['p95_ms']} ms (direct client: {c['baseline']['ms'].get('running_sim', {}).get('p95')} ms to stop a "
                 f"running prompt). The interrupt's arrival at ComfyUI, p95 {c['stages_ms']['running_interrupt']['p95']} ms, "
-                "is the service's part (API → pub/sub → worker's cancel listener → /interrupt naming the prompt); the rest "
-                "is ComfyUI finishing its current step."]
+                "is the service's way there (API → pub/sub → worker's canceller → /interrupt naming the prompt); then "
+                "ComfyUI finishes its current step (the direct client waits for that too); from its stop to the API "
+                f"showing it, p50 {c['stages_ms']['running_api']['p50'] - c['stages_ms']['running_sim']['p50']:.2f} ms, is "
+                "the way back (websocket → the worker's job thread → `cancel_run` → the API's wake → the answer)."]
     d = figs.get("dispatch")
     if d and d.get("met") is False and "nominal" in d:
         runs, speeds = d["runs"], d["series"]["speeds"]
