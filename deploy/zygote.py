@@ -9,8 +9,9 @@ child starts with them loaded and runs `python -m <module> <args>` as a fresh pr
 interpreter exit), in milliseconds of CPU.
 
 What it preloads holds no per-process state: no thread, socket or Redis connection exists in
-the zygote when it forks (it checks, and refuses to start otherwise), and nothing reads the
-settings (`get_settings`) there, so a child's configuration comes from its own environment.
+the zygote when it forks, nothing reads the settings (`get_settings`) there, so a child's
+configuration comes from its own environment, and gevent is not imported (it refuses to start
+if a thread, the settings or gevent are there; tests/test_zygote.py checks for sockets too).
 Modules that build state at import (the Celery app, `workers.celery_app`) are imported by each
 child. Every fork reseeds `random`, and `logging` resets its locks (CPython's at-fork hooks).
 
