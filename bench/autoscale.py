@@ -1,4 +1,4 @@
-"""Figure 10: autoscaling over a bursty day, against fixed fleets (issue 17, item 6).
+"""Figure 11: autoscaling over a bursty day, against fixed fleets (issue 17, item 6).
 
 One "day", scaled down from hours to seconds so the three fleets run here one after another:
 idle → a burst (200 jobs; --quick 40) → a trickle (a job every 3 s) → idle. Each job is one
@@ -8,7 +8,8 @@ simulated: its ComfyUI listens only after --slow-start 2 s, and its first job lo
 own start on these shared cores. The same day runs for real three times:
 
 - autoscaled 0…8: the local autoscaler (deploy/autoscale.py, `make run`'s) acting every 0.5 s on
-  the fleet's decision (common/fleet.py), from zero GPUs;
+  the fleet's decision (common/fleet.py), from zero GPUs, its pairs forked from a zygote as
+  `make run`'s are (deploy/zygote.py);
 - fixed fleets of 2 and 8 GPUs (the same code, held at SCALE_MIN_GPUS = SCALE_MAX_GPUS), warm.
 
 Measured per fleet: each job's wait, submit (`created_ms`) → ComfyUI started it
@@ -30,6 +31,7 @@ from bench.harness import Stack, pct, short_job, wait_until
 from common import keys, redis_conn
 from common.settings import get_settings
 from deploy.autoscale import Autoscaler
+from deploy.zygote import SUPPORTED as FORK_SUPPORTED, Zygote
 from tests.support.procs import SimProcess, free_port
 
 STEP, STEPS, LOAD, SLOW_START = 0.05, 20, 1.0, 2.0
@@ -45,17 +47,23 @@ def day(quick: bool) -> dict:
 
 
 class BenchPairs:
-    """Simulator + worker pairs of a bench stack (deploy/autoscale.py's Pairs)."""
+    """Simulator + worker pairs of a bench stack (deploy/autoscale.py's Pairs), forked from a
+    zygote as `make run`'s are (deploy/devstack.py, deploy/zygote.py)."""
 
     def __init__(self, stack: Stack):
         self.stack, self.pairs = stack, {}
+        self.zygote = Zygote(stack.workdir / "zygote.log").start() if FORK_SUPPORTED else None
 
     def start(self, index: int, queue: str) -> None:
-        sim = SimProcess(port=free_port(), workdir=self.stack.workdir,
+        sim = SimProcess(port=free_port(), workdir=self.stack.workdir, zygote=self.zygote,
                          args=["--step-seconds", str(STEP), "--load-seconds", str(LOAD),
                                "--slow-start", str(SLOW_START)]).start(wait=False)  # comes up beside its worker
         self.stack.fleet.sims.append(sim)
-        self.pairs[queue] = (sim, self.stack.worker(sim, queue=queue, GPU_INDEX=str(index)))
+        self.pairs[queue] = (sim, self.stack.worker(sim, queue=queue, zygote=self.zygote, GPU_INDEX=str(index)))
+
+    def close(self) -> None:
+        if self.zygote is not None:
+            self.zygote.stop()
 
     def retire(self, queue: str) -> None:
         self.pairs[queue][1].send(signal.SIGTERM)  # Celery's warm shutdown
@@ -75,6 +83,7 @@ def fleet_run(name: str, low: int, high: int, plan: dict) -> dict:
     scale_env = {"SCALE_MIN_GPUS": str(low), "SCALE_MAX_GPUS": str(high), "SCALE_TARGET_WAIT": str(TARGET_WAIT),
                  "SCALE_DOWN_DELAY": str(DOWN_DELAY), "SCALE_COLD_START": str(PRIOR_COLD), "WAIT_FOR_GPUS": "true"}
     s = Stack(f"autoscale-{name}", **scale_env)
+    pairs = None
     try:
         s.api()
         settings = get_settings().model_copy(update={
@@ -82,7 +91,8 @@ def fleet_run(name: str, low: int, high: int, plan: dict) -> dict:
             "scale_target_wait": TARGET_WAIT, "scale_down_delay": DOWN_DELAY, "scale_cold_start": PRIOR_COLD,
             "wait_for_gpus": True})
         notes: list[str] = []
-        scaler = Autoscaler(BenchPairs(s), redis_conn.connect(settings), settings, "bench",
+        pairs = BenchPairs(s)
+        scaler = Autoscaler(pairs, redis_conn.connect(settings), settings, "bench",
                             say=lambda m: notes.append(f"{time.time():.1f} {m}"))
         stop = threading.Event()
         errors: list[str] = []
@@ -131,6 +141,8 @@ def fleet_run(name: str, low: int, high: int, plan: dict) -> dict:
         cold = s.redis.hget(keys.FLEET_LEARNED, "cold_start_seconds")  # what the heartbeats measured
     finally:
         s.stop()
+        if pairs is not None:
+            pairs.close()
     failed = [r.get("error") for r in records if r["status"] != "succeeded"]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(records)} jobs did not succeed ({name}): {failed[:2]}")

@@ -56,10 +56,10 @@ class Stack:
         return self.fleet.add_sim("--step-seconds", str(step), "--speed", str(speed), "--load-seconds", str(load),
                                   *args)
 
-    def worker(self, sim_or_url, queue: str | None = None, **env: str) -> Proc:
+    def worker(self, sim_or_url, queue: str | None = None, zygote=None, **env: str) -> Proc:
         if isinstance(sim_or_url, str):  # a worker in front of something else (the progress tap)
             sim_or_url = _Url(sim_or_url)
-        return self.fleet.add_worker(sim_or_url, queue=queue, **env)
+        return self.fleet.add_worker(sim_or_url, queue=queue, zygote=zygote, **env)
 
     def api(self, workers: int = 2, connections: int = 1000) -> str:
         """gunicorn with deploy/devstack.py's flags (gevent, 1000 connections, API_WORKERS=2)."""

@@ -19,7 +19,8 @@ Each tick it reads the decision and acts on it:
   wait on the queue of a GPU the fleet has had (WAIT_FOR_GPUS); that GPU goes again once idle
   past SCALE_DOWN_DELAY, like any other.
 
-Processes are the caller's (`Pairs`): devstack supervises them, the benchmark starts its own.
+Processes are the caller's (`Pairs`): devstack supervises them, the benchmark starts its own;
+both fork them from a zygote (deploy/zygote.py).
 """
 from __future__ import annotations
 

@@ -12,7 +12,9 @@
 With AUTOSCALE=true (simulators only), no fixed pair is started: the local autoscaler
 (`deploy/autoscale.py`) starts and stops simulator + worker pairs from the fleet's scaling decision
 every AUTOSCALE_INTERVAL seconds, between AUTOSCALE_MIN and AUTOSCALE_MAX GPUs, and WAIT_FOR_GPUS
-is on so a job submitted at zero GPUs waits for one. A retiring pair is not restarted.
+is on so a job submitted at zero GPUs waits for one. A retiring pair is not restarted. Pairs are
+forked from a zygote that has their modules imported (deploy/zygote.py): a burst's pairs start
+without seconds of imports on the shared cores.
 
 It supervises them: a worker, simulator, webhook worker, Flower or the API that dies is started
 again, with a log line, while the rest keep running (a SIGKILLed worker's job finishes on another
@@ -33,6 +35,8 @@ import time
 from pathlib import Path
 
 import requests
+
+from deploy.zygote import SUPPORTED as FORK_SUPPORTED, Forked, Zygote
 
 REPO = Path(__file__).resolve().parents[1]
 VAR = REPO / "var"
@@ -73,22 +77,35 @@ def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 30.0
 
 class Stack:
     def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-        self.specs: dict[str, tuple[list[str], dict[str, str] | None, bool]] = {}
+        self.procs: list[tuple[str, subprocess.Popen | Forked]] = []
+        self.specs: dict[str, tuple[list[str], dict[str, str] | None, bool, bool]] = {}
+        self._zygote: Zygote | None = None
         self.restarts: dict[str, list[float]] = {}
         self.released: set[str] = set()  # leaving on purpose (a retiring GPU): not started again
         (VAR / "logs").mkdir(parents=True, exist_ok=True)
 
-    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None, log: bool = True) -> subprocess.Popen:
-        out = open(VAR / "logs" / f"{name}.log", "ab") if log else None
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
-        if out is not None:
-            out.close()  # the child has its own copy
-        self.specs[name] = (cmd, env, log)
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None, log: bool = True,
+              forked: bool = False) -> subprocess.Popen | Forked:
+        """`forked`: `cmd` is `[python, -m, module, *args]`, forked from the zygote (its log is its own)."""
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        if forked:
+            proc = self.zygote().spawn(cmd[2], cmd[3:], full_env, VAR / "logs" / f"{name}.log")
+        else:
+            out = open(VAR / "logs" / f"{name}.log", "ab") if log else None
+            proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out,
+                                    stderr=subprocess.STDOUT if out else None, start_new_session=True)
+            if out is not None:
+                out.close()  # the child has its own copy
+        self.specs[name] = (cmd, env, log, forked)
         self.released.discard(name)
         self.procs = [(n, p) for n, p in self.procs if n != name] + [(name, proc)]
         return proc
+
+    def zygote(self) -> Zygote:
+        """The fork server for autoscaled pairs, started on first use (see deploy/zygote.py)."""
+        if self._zygote is None:
+            self._zygote = Zygote(VAR / "logs" / "zygote.log").start()
+        return self._zygote
 
     def running(self, name: str) -> bool:
         return any(n == name and p.poll() is None for n, p in self.procs)
@@ -137,8 +154,8 @@ class Stack:
             if len(recent) > RESTART_LIMIT:
                 return f"{name} exited {len(recent)} times within {RESTART_WINDOW:.0f}s (last code {code})"
             say(f"{name} exited with {code}; starting it again (the rest keep running; log: var/logs/{name}.log)")
-            cmd, env, log = self.specs[name]
-            self.spawn(name, cmd, env, log)
+            cmd, env, log, forked = self.specs[name]
+            self.spawn(name, cmd, env, log, forked)
         return None
 
     def stop(self) -> None:
@@ -151,6 +168,8 @@ class Stack:
                 proc.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        if self._zygote is not None:
+            self._zygote.stop()
         say("stopped")
 
 
@@ -214,10 +233,12 @@ class StackPairs:
         while port in self.ports.values() or not port_free(port):
             port += 1
         self.ports[queue] = port
-        self.stack.spawn(f"comfyui-sim-{index}", _sim_cmd(index, port))
+        # Forked from the zygote, which has their modules imported: a burst starts many pairs at
+        # once, and their imports would otherwise take the cores for seconds (deploy/zygote.py).
+        self.stack.spawn(f"comfyui-sim-{index}", _sim_cmd(index, port), forked=FORK_SUPPORTED)
         self.stack.spawn(f"worker-{index}", [sys.executable, "-m", "workers"],
                          {**self.env, "COMFYUI_URL": f"http://127.0.0.1:{port}", "GPU_INDEX": str(index),
-                          "GPU_QUEUE": queue})
+                          "GPU_QUEUE": queue}, forked=FORK_SUPPORTED)
         self.index[queue] = index
 
     def retire(self, queue: str) -> None:
@@ -275,6 +296,8 @@ def main() -> int:
             raise SystemExit("AUTOSCALE=true starts simulators itself; unset COMFYUI_URLS (it cannot start real ComfyUIs)")
         if autoscale:
             env["WAIT_FOR_GPUS"] = "true"
+            if FORK_SUPPORTED:
+                stack.zygote()  # preloads while the rest starts
         elif not urls:
             print(BANNER, flush=True)
             say("COMFYUI_URLS is unset: starting two ComfyUI SIMULATORS (no GPU, no models, labelled pictures).")

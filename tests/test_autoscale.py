@@ -53,7 +53,8 @@ def _sims(stack: subprocess.Popen) -> list[psutil.Process]:
     out = []
     for child in psutil.Process(stack.pid).children(recursive=True):
         try:
-            if child.cmdline()[1:3] == ["-m", "comfyui_sim"]:
+            # Forked from the zygote, a simulator names itself (its command line is the zygote's).
+            if child.name() == "comfyui_sim" or child.cmdline()[1:3] == ["-m", "comfyui_sim"]:
                 out.append(child)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

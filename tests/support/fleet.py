@@ -23,11 +23,17 @@ class Proc:
     env: dict[str, str]
     log_path: Path
     proc: subprocess.Popen | None = None
+    zygote: object | None = None  # a deploy.zygote.Zygote to fork it from (cmd: python -m module ...)
 
     def start(self) -> "Proc":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        if self.zygote is not None:
+            assert self.cmd[1] == "-m", self.cmd
+            self.proc = self.zygote.spawn(self.cmd[2], self.cmd[3:], env, self.log_path)
+            return self
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         return self
 
     def send(self, sig: int) -> None:
@@ -82,12 +88,12 @@ class Fleet:
         self.sims.append(sim)
         return sim
 
-    def add_worker(self, sim: SimProcess, queue: str | None = None, **env: str) -> Proc:
+    def add_worker(self, sim: SimProcess, queue: str | None = None, zygote=None, **env: str) -> Proc:
         index = len(self.workers)
         queue = queue or f"gpu.test.{index}"
         worker = Proc(f"worker-{index}", [sys.executable, "-m", "workers"],
                       {**self.env(), "COMFYUI_URL": sim.url, "GPU_QUEUE": queue, "GPU_INDEX": str(index), **env},
-                      self.workdir / f"worker-{index}.log").start()
+                      self.workdir / f"worker-{index}.log", zygote=zygote).start()
         worker.queue = queue
         self.workers.append(worker)
         return worker

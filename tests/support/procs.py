@@ -52,6 +52,7 @@ class SimProcess:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    zygote: object | None = None  # a deploy.zygote.Zygote to fork it from, as the local autoscaler does
 
     @property
     def url(self) -> str:
@@ -59,13 +60,15 @@ class SimProcess:
 
     def start(self, wait: bool = True, timeout: float = 15.0) -> "SimProcess":
         self.log_path = self.workdir / f"sim-{self.port}.log"
-        log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "comfyui_sim", "--host", "127.0.0.1", "--port", str(self.port),
-             "--output-dir", str(self.workdir / f"out-{self.port}"), *self.args],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
+        args = ["--host", "127.0.0.1", "--port", str(self.port), "--output-dir", str(self.workdir / f"out-{self.port}"),
+                *self.args]
+        if self.zygote is not None:
+            self.proc = self.zygote.spawn("comfyui_sim", args, env, self.log_path)
+        else:
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen([sys.executable, "-m", "comfyui_sim", *args], cwd=REPO, env=env,
+                                             stdout=log, stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready(timeout)
         return self
