@@ -108,8 +108,10 @@ def test_reconnecting_with_last_event_id_loses_and_repeats_nothing(fleet):
 
 def test_stream_of_a_waiting_job_updates_its_position_and_ends_cancelled(fleet):
     # The worker holds two prompts in ComfyUI (running + next); the third and fourth wait in Redis.
-    # A position counts the jobs ahead on the GPU, the running one included.
-    running = [submit(fleet.url, story(steps=40)) for _ in range(2)]
+    # A position counts the jobs ahead on the GPU, the running one included. The two in ComfyUI
+    # last past every wait below (~96 s each) and end only when cancelled: a position that moved
+    # because one of them finished would not be the update this test asks for.
+    running = [submit(fleet.url, story(scenes=["[Lena] reads a letter"] * 24, steps=100)) for _ in range(2)]
     ahead, target = submit(fleet.url, story(steps=40)), submit(fleet.url, story(steps=40))
     response = stream(fleet.url, target["task_id"])
     seen: list = []

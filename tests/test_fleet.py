@@ -264,13 +264,19 @@ def test_added_worker_takes_work_without_restarting_anything(fleet_factory):
     fleet.add_worker(fleet.add_sim("--step-seconds", "0.03"))
     fleet.wait_workers()
     fleet.start_api()
-    before = [submit(fleet.url, job(steps=20)) for _ in range(4)]
+    # The first GPU must still be busy when the new one joins: idle, having warmed its checkpoint,
+    # it would rightly get the next jobs (the new GPU would have to load it first). A worker boots
+    # in seconds or, on a loaded host, many: a long job holds it until the test cancels it.
+    blocker = submit(fleet.url, story(scenes=["[Lena] reads a letter"] * 24, steps=100))  # ~72 s at 0.03 s/step
+    before = [submit(fleet.url, job(steps=20)) for _ in range(3)]
     fleet.add_worker(fleet.add_sim("--step-seconds", "0.03"), queue="gpu.test.new")
     fleet.wait_workers(2)
     after = [submit(fleet.url, job(steps=20)) for _ in range(4)]
+    requests.delete(f"{fleet.url}/api/v1/tasks/{blocker['task_id']}", timeout=10)
+    assert wait_status(fleet.url, blocker["task_id"])["status"] == "cancelled"
     docs = all_done(fleet, [*before, *after])
     assert all(d["status"] == "succeeded" for d in docs)
-    assert any(d["gpu"] == "gpu.test.new" for d in docs[4:])
+    assert any(d["gpu"] == "gpu.test.new" for d in docs[3:])
 
 
 def test_gpu_never_waits_for_the_service_between_jobs(fleet_factory):
