@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import statistics
+import time
 
 import pytest
 import redis
@@ -331,3 +332,44 @@ def test_a_waiting_job_whose_celery_message_was_lost_is_sent_again(fleet_factory
     assert done["status"] == "succeeded", done
     assert [a["code"] for a in record(fleet, waiting["task_id"])["attempt_log"]] == ["message_lost"]
     assert all(wait_status(fleet.url, t["task_id"], timeout=30)["status"] == "succeeded" for t in busy)
+
+
+def test_a_worker_whose_comfyui_hangs_keeps_beating_and_says_so(fleet_factory):
+    """Each ComfyUI call may wait COMFYUI_TIMEOUT, here twice HEARTBEAT_TTL: the heartbeat never
+    waits for one. A worker whose ComfyUI froze stays alive in the fleet's eyes at every moment
+    and reports its ComfyUI down; once ComfyUI answers again, up."""
+    from common.registry import Registry
+
+    interval, ttl, comfy_timeout = 0.5, 3.0, 6.0
+    fleet = fleet_factory(HEARTBEAT_INTERVAL=str(interval), HEARTBEAT_TTL=str(ttl), COMFYUI_TIMEOUT=str(comfy_timeout))
+    sim = fleet.add_sim()
+    fleet.add_worker(sim)
+    fleet.wait_workers()
+    registry = Registry(fleet.redis.client(), ttl)
+
+    def beat() -> dict | None:
+        return next((w for w in registry.alive() if w["queue"] == "gpu.test.0"), None)
+    wait_until(lambda: (beat() or {}).get("comfyui_ok"), 30, what="a heartbeat with ComfyUI answering")
+    # Frozen, not gone: the kernel still accepts connections, nothing answers them (a refused
+    # connection fails at once and would prove nothing).
+    sim.proc.send_signal(signal.SIGSTOP)
+    try:
+        # As many beats as two ComfyUI timeouts last: a beat that waited on one such call would
+        # have left the worker dead (older than its TTL) at some point meanwhile.
+        needed = int(2 * comfy_timeout / interval)
+        times, lapses, down = set(), [], False
+        deadline = time.monotonic() + 10 * comfy_timeout
+        while (len(times) < needed or not down) and time.monotonic() < deadline:
+            current = beat()
+            if current is None:
+                lapses.append(time.time() - max(times))  # seconds since its last beat
+                break
+            else:
+                times.add(current["ts"])
+                down = down or not current["comfyui_ok"]
+            time.sleep(0.05)
+        assert not lapses, f"the worker was dead to the fleet: no beat for {lapses[0]:.1f} s (TTL {ttl} s)"
+        assert len(times) >= needed and down, (len(times), down)
+    finally:
+        sim.proc.send_signal(signal.SIGCONT)
+    wait_until(lambda: (beat() or {}).get("comfyui_ok"), 30, what="ComfyUI answering again")

@@ -1,6 +1,10 @@
 """What one worker process holds for its life: Redis, the task store, storage, the ComfyUI
-client, the jobs it runs, what it measured, and two background threads (heartbeat with the
-failover monitor, and the cancel listener)."""
+client, the jobs it runs, what it measured, and its background threads: the heartbeat, the
+ComfyUI probe whose latest findings it reports, the failover monitor, the cancel listener and
+the canceller.
+Each is its own thread so that neither a ComfyUI slow to answer (every call may wait up to
+COMFYUI_TIMEOUT) nor a long monitor round delays a beat past HEARTBEAT_TTL: a worker that is
+alive stays alive in the fleet's eyes, and says so while its ComfyUI does not answer."""
 from __future__ import annotations
 
 import logging
@@ -91,7 +95,10 @@ class WorkerRuntime:
         # Celery is up): booting the worker is part of bringing a GPU up.
         self._process_started = psutil.Process().create_time()
         self._ready_seconds: float | None = None
-        self._comfy_ok = False  # the last heartbeat found ComfyUI answering
+        self._comfy_ok = False  # the last finished probe found ComfyUI answering
+        self._probe_since: float | None = None  # monotonic start of the probe in flight, if any
+        self._gpu = None  # GpuStats of the last probe
+        self._beat_now = threading.Event()  # wakes the heartbeat at once (ComfyUI answered first)
         self._first_cold_job: tuple[str, float, float] | None = None  # workflow, cost, seconds
         self._active: dict[str, str | None] = {}  # task id → ComfyUI prompt id (None until submitted)
         self._cancelled: set[str] = set()  # cancels sent to ComfyUI for jobs still active here
@@ -202,32 +209,53 @@ class WorkerRuntime:
                 warm = rate["seconds_per_prompt"] + cost * rate["seconds_per_unit"]
             return round(self._ready_seconds + max(seconds - warm, 0.0), 3)
 
-    def heartbeat(self) -> dict:
+    def probe_comfyui(self) -> None:
+        """Ask ComfyUI how it is: its queue, its checkpoints and (when no NVIDIA source answers)
+        the GPU through it. Runs on the probe thread (and once as the worker starts), never on
+        the heartbeat's: each call may wait up to COMFYUI_TIMEOUT."""
+        with self._lock:
+            self._probe_since = time.monotonic()
+        first_answer = False
         try:
-            self.comfy_queue = self.client.prompt_queue_remaining()
+            queue = self.client.prompt_queue_remaining()
             comfy_ok = True
             if self._ready_seconds is None:
                 self._ready_seconds = max(time.time() - self._process_started, 0.0)
             if not self._comfy_ok:
+                first_answer = True
                 # A job taken before ComfyUI was up waits on the websocket, whose reconnect backoff
                 # has grown meanwhile: it connects now, not up to the backoff's 5 s later.
                 self.client.wake()
             self._read_checkpoints()
         except ComfyError:
-            comfy_ok = False
-        self._comfy_ok = comfy_ok
+            queue, comfy_ok = None, False
         gpu = self.probe.read()
+        with self._lock:
+            self.comfy_queue, self._comfy_ok, self._gpu, self._probe_since = queue, comfy_ok, gpu, None
+        if first_answer:
+            self._beat_now.set()  # the fleet learns at once that this GPU can take jobs
+
+    def comfyui_ok(self) -> bool:
+        """ComfyUI answered the last probe, and the probe now in flight (if any) has not waited
+        longer than HEARTBEAT_TTL: an answer older than a heartbeat is believed is stale."""
+        with self._lock:
+            pending = self._probe_since
+            return self._comfy_ok and (pending is None or time.monotonic() - pending < self.settings.heartbeat_ttl)
+
+    def heartbeat(self) -> dict:
+        """What this worker tells the fleet now, from the last probe's findings: no ComfyUI call."""
+        comfy_ok = self.comfyui_ok()
         with self._lock:
             rates = {k: dict(v) for k, v in self.rates.items()}
             running = sorted(self._active)
-            checkpoint = self.checkpoint
+            checkpoint, gpu, comfy_queue = self.checkpoint, self._gpu, self.comfy_queue
         return {
             "queue": self.queue, "instance": self.instance, "host": self.settings.worker_host,
             "gpu_index": self.settings.gpu_index, "pid": os.getpid(), "comfyui_url": self.settings.comfyui_url,
-            "comfyui_ok": comfy_ok, "comfyui_queue": self.comfy_queue if comfy_ok else None,
+            "comfyui_ok": comfy_ok, "comfyui_queue": comfy_queue if comfy_ok else None,
             "running": running, "concurrency": self.settings.worker_concurrency, "draining": self.draining,
-            "gpu": gpu.as_dict(), "host_stats": host_stats().as_dict(), "checkpoint": checkpoint,
-            "checkpoints": self.checkpoints,
+            "gpu": gpu.as_dict() if gpu is not None else None, "host_stats": host_stats().as_dict(),
+            "checkpoint": checkpoint, "checkpoints": self.checkpoints,
             "rates": rates, "started_at": self.started_at, "cold_start_seconds": self._cold_start_seconds(),
         }
 
@@ -245,7 +273,8 @@ class WorkerRuntime:
                                notifier=self.notifier, webhook_resend_after=self.settings.webhook_resend_after,
                                grace=self.settings.reconcile_grace, job_timeout=self.settings.job_timeout,
                                collect=lambda record: collect(self, record))
-        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._cancel_loop, "cancel-listener"),
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._probe_loop, "comfyui-probe"),
+                             (self._monitor_loop, "monitor"), (self._cancel_loop, "cancel-listener"),
                              (self._canceller, "canceller")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -257,6 +286,7 @@ class WorkerRuntime:
         has jobs stays known, so the monitor moves them and the alert tells the operator."""
         self._stop.set()
         self._to_cancel.put(None)  # wakes the canceller to see the stop
+        self._beat_now.set()  # and the heartbeat
         try:
             self.registry.withdraw(self.queue)
             if not self.store.taken(self.queue) and not self.store.waiting(self.queue):
@@ -266,16 +296,33 @@ class WorkerRuntime:
         self.client.close()
 
     def _heartbeat_loop(self) -> None:
+        """A beat every HEARTBEAT_INTERVAL (Redis only), and one at once when the probe asks."""
         while not self._stop.is_set():
+            self._beat_now.clear()
             try:
                 self.publish_heartbeat()
+            except Exception:  # noqa: BLE001 - the heartbeat must outlive Redis hiccups
+                log.exception("heartbeat failed")
+            self._beat_now.wait(self.settings.heartbeat_interval)
+
+    def _probe_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.probe_comfyui()
+            except Exception:  # noqa: BLE001 - the probe must outlive ComfyUI's and the GPU's hiccups
+                log.exception("ComfyUI probe failed")
+            self._wait_next_probe()
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
                 self._sweep_cancels()
                 self.monitor.run_once()
-            except Exception:  # noqa: BLE001 - the heartbeat must outlive Redis or ComfyUI hiccups
-                log.exception("heartbeat round failed")
-            self._wait_next_beat()
+            except Exception:  # noqa: BLE001 - the monitor must outlive Redis or ComfyUI hiccups
+                log.exception("monitor round failed")
+            self._stop.wait(self.settings.heartbeat_interval)
 
-    def _wait_next_beat(self) -> None:
+    def _wait_next_probe(self) -> None:
         """HEARTBEAT_INTERVAL, cut short the moment a ComfyUI that had not answered yet does."""
         deadline = time.monotonic() + self.settings.heartbeat_interval
         while self._ready_seconds is None:
@@ -283,15 +330,15 @@ class WorkerRuntime:
             if left <= 0 or self._stop.wait(min(STARTUP_PROBE_INTERVAL, left)):
                 return
             if self._comfyui_answers(timeout=min(max(deadline - time.monotonic(), 0.05), 1.0)):
-                return  # beat now (heartbeat() asks it properly and measures the ready time)
+                return  # probe now (probe_comfyui() asks it properly, measures the ready time, beats)
         self._stop.wait(max(deadline - time.monotonic(), 0.0))
 
     def _comfyui_answers(self, timeout: float) -> bool:
         """The start-up probe: a short-timeout GET, so a ComfyUI that drops packets (rather than
-        refusing) never stretches the heartbeat's period past HEARTBEAT_INTERVAL by much."""
+        refusing) never stretches the probe's period past HEARTBEAT_INTERVAL by much."""
         try:
             response = requests.get(f"{self.client.base_url}/prompt", timeout=timeout)
-            return response.ok and "exec_info" in response.json()  # what heartbeat() reads from it
+            return response.ok and "exec_info" in response.json()  # what probe_comfyui() reads from it
         except (requests.RequestException, ValueError, TypeError):
             return False
 

@@ -146,8 +146,10 @@ def _start_background(sender=None, **_):
     gpu_queues = [q for q in consumed if q.startswith("gpu.")]
     if gpu_queues and not runtime.settings.gpu_queue:
         runtime.queue = gpu_queues[0]
-    # First heartbeat as the consumer starts: before it, dispatch does not know this GPU; a job
-    # started just before it is covered by the monitor's grace period.
+    # First heartbeat as the consumer starts, with ComfyUI asked first (it says whether this GPU
+    # can take jobs): before it, dispatch does not know this GPU; a job started just before it is
+    # covered by the monitor's grace period.
+    runtime.probe_comfyui()
     runtime.publish_heartbeat()
     runtime.start_background(app)
     log.info("worker ready: queue %s, ComfyUI %s, Redis %s", runtime.queue, runtime.settings.comfyui_url,
