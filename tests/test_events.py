@@ -118,8 +118,14 @@ def test_stream_of_a_waiting_job_updates_its_position_and_ends_cancelled(fleet):
     reader = threading.Thread(target=read_events, args=(response,), kwargs={"out": seen}, daemon=True)
     reader.start()
     try:
+        # The stream reads the position once a second, and says it only when it changed: the
+        # update below is a change only from what the stream itself last said, not from what a
+        # GET saw in between.
+        def stream_says(position: int) -> bool:
+            said = [data["queue_position"] for _, kind, data in list(seen) if kind == "queued"]
+            return said[-1:] == [position]
         wait_until(lambda: requests.get(f"{fleet.url}/api/v1/tasks/{target['task_id']}", timeout=5).json()[
-            "queue_position"] == 3, 10, what="the target to wait behind three")
+            "queue_position"] == 3 and stream_says(3), 10, what="the target to wait behind three, stream included")
         requests.delete(f"{fleet.url}/api/v1/tasks/{ahead['task_id']}", timeout=10)
         # Position updates are not logged events: they come without an id.
         wait_until(lambda: any(kind == "queued" and data["queue_position"] == 2 and event_id is None
