@@ -1,8 +1,9 @@
 """Failover and reconciliation: every job a worker has taken is accounted for by reality, and
 jobs stranded by a dead or draining GPU are moved.
 
-Runs inside every worker's heartbeat thread; a short Redis lock lets one of them act per
-round. Decisions are pure (common/reconcile.py, `needs_moving` below); `Monitor` acts:
+Runs on every worker's monitor thread (workers/runtime.py); a short Redis lock lets one of
+them act per round. Decisions are pure (common/reconcile.py, `needs_moving` below); `Monitor`
+acts:
 
 - a job its worker does not account for (dead, replaced by a new process, or alive but no
   longer listing it in its heartbeat) past RECONCILE_GRACE is checked against its ComfyUI:
