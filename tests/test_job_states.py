@@ -57,6 +57,9 @@ def test_two_gpus_four_long_jobs_two_run_and_two_wait_inside_comfyui(fleet_facto
         def body(i: int, **fields) -> dict:
             return story(callback_url=receiver.url(f"/hooks/{i}"), callback_events=["started"], **fields)
         long = [submit(fleet.url, body(i, scenes=["[Lena] reads a letter"] * 24, steps=100)) for i in range(2)]
+        # Each inside its ComfyUI before the short ones come: a worker runs two jobs at once, and a
+        # short one arriving while it still prepared the long one could reach ComfyUI first.
+        wait_until(lambda: all(d["gpu"] for d in docs(fleet.url, long)), 30, what="the long jobs inside ComfyUI")
         tasks = [*long, *(submit(fleet.url, body(i, steps=30)) for i in range(2, 4))]
         streams = {t["task_id"]: [] for t in tasks}
         readers = [follow(fleet.url, task_id, out) for task_id, out in streams.items()]
@@ -100,7 +103,8 @@ def test_two_gpus_four_long_jobs_two_run_and_two_wait_inside_comfyui(fleet_facto
             comfy_start = started_by_prompt[record["prompt_id"]]
             assert epoch(doc["started_at"]) >= comfy_start - 0.002, doc
             kinds = [kind for kind, _, _ in streams[doc["task_id"]]]
-            assert kinds[:3] == ["queued", "queued", "started"] and kinds[-1] == doc["status"], kinds
+            assert kinds[:3] == ["queued", "queued", "started"] and kinds[-1] == doc["status"], (
+                doc["task_id"], [t["task_id"] for t in tasks], streams[doc["task_id"]][:5])
             handed = streams[doc["task_id"]][1]
             assert handed[1]["gpu"] == doc["gpu"]
             started_event = next(at for kind, _, at in streams[doc["task_id"]] if kind == "started")
