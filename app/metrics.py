@@ -38,20 +38,20 @@ class RedisCollector:
         pipe.get(metrics.LAST_SUCCESS)
         pipe.zrange(WORKERS, 0, -1, withscores=True)
         pipe.hgetall(keys.KNOWN_WORKERS)
+        # Every queue's counts in one read (kept by the task store's scripts with its indexes);
+        # per queue only its oldest waiting job, for its age.
+        pipe.hgetall(keys.QUEUE_COUNTS)
         for name in metrics.HISTOGRAMS:
             pipe.hgetall(metrics.histogram_key(name))
         for queue in known:
-            pipe.zcard(keys.waiting(queue))
             pipe.zrange(keys.waiting(queue), 0, 0, withscores=True)
-            pipe.zcard(keys.handed(queue))
-            pipe.scard(keys.running(queue))
         results = pipe.execute()
-        counters, last_success, seen, labels = results[0], results[1], results[2], results[3]
-        histograms = dict(zip(metrics.HISTOGRAMS, results[4:4 + len(metrics.HISTOGRAMS)]))
-        per_queue = results[4 + len(metrics.HISTOGRAMS):]
+        counters, last_success, seen, labels, queue_counts = results[:5]
+        histograms = dict(zip(metrics.HISTOGRAMS, results[5:5 + len(metrics.HISTOGRAMS)]))
+        oldest = results[5 + len(metrics.HISTOGRAMS):]
         yield from self._counters(counters, self._workflows())
         yield from self._histograms(histograms)
-        yield from self._queues(known, per_queue)
+        yield from self._queues(known, {_text(q): v for q, v in queue_counts.items()}, oldest)
         alive = svc.registry.alive()
         yield from self._fleet(alive, {_text(q): s for q, s in seen}, {_text(q): _text(v) for q, v in labels.items()})
         yield from self._scaling(assess(client, svc.registry, svc.settings, workers=alive))
@@ -119,7 +119,7 @@ class RedisCollector:
             yield family
 
     @staticmethod
-    def _queues(known: list[str], per_queue: list):
+    def _queues(known: list[str], counts: dict, oldest_waiting: list):
         depth = GaugeMetricFamily("comfy_queue_depth", "Jobs queued per GPU queue (in Celery or inside ComfyUI's "
                                   "queue): status queued.", labels=["queue"])
         oldest = GaugeMetricFamily("comfy_queue_oldest_job_age_seconds",
@@ -128,8 +128,8 @@ class RedisCollector:
         running = GaugeMetricFamily("comfy_jobs_running", "Jobs ComfyUI is executing, per GPU queue (from its "
                                     "execution_start): status running.", labels=["queue"])
         now_ms = time.time() * 1000
-        for i, queue in enumerate(known):
-            waiting, first, handed, executing = per_queue[4 * i:4 * i + 4]
+        for queue, first in zip(known, oldest_waiting):
+            waiting, handed, executing, _ = (max(n, 0) for n in keys.parse_counters(counts.get(queue)))
             depth.add_metric([queue], float(waiting + handed))
             oldest.add_metric([queue], max(now_ms - first[0][1], 0) / 1000 if first else 0.0)
             running.add_metric([queue], float(executing))
