@@ -143,7 +143,8 @@ def test_autoscaled_make_run_grows_from_zero_under_a_burst_and_drains_back_to_ze
 
 def test_a_heartbeat_carries_the_measured_cold_start_and_the_fleet_uses_it(fleet_factory):
     """ComfyUI answering after the worker started, plus the first checkpoint load: at least the
-    simulator's load time once a cold and a warm job ran, and the fleet's decision prices with it."""
+    simulator's load time once a cold and a warm job ran, and the fleet's decision prices with it.
+    The load alone is what dispatch charges a job whose checkpoint the GPU does not hold."""
     load = 5.0  # above what the worker's own start takes here, so a cold start without it is too small
     fleet = fleet_factory(SCALE_COLD_START="999")
     sim = fleet.add_sim("--step-seconds", "0.02", "--load-seconds", str(load))
@@ -156,6 +157,7 @@ def test_a_heartbeat_carries_the_measured_cold_start_and_the_fleet_uses_it(fleet
         return requests.get(base + "/api/v1/workers", timeout=5).json()["workers"][0]
     wait_until(lambda: beat()["comfyui_ok"], 20, what="ComfyUI answering")
     assert beat()["cold_start_seconds"] is None  # no model loaded yet: not measured
+    assert beat()["checkpoint_load_seconds"] is None  # dispatch assumes its default meanwhile
     assert requests.get(base + "/api/v1/fleet", timeout=5).json()["cold_start_seconds"] == 999
     body = {"workflow": "sdxl", "prompt": "a lighthouse", "width": 256, "height": 256, "steps": 4}
     for _ in range(2):  # the cold job (the load), then a warm one (what the job itself takes)
@@ -163,6 +165,8 @@ def test_a_heartbeat_carries_the_measured_cold_start_and_the_fleet_uses_it(fleet
     wait_until(lambda: beat()["rates"].get("sdxl"), 10, what="a warm job measured")
     cold = wait_until(lambda: beat()["cold_start_seconds"], 10, what="the cold start reported")
     assert cold >= load
+    loaded = beat()["checkpoint_load_seconds"]
+    assert load <= loaded < cold  # the load, without the worker's own start
     assert requests.get(base + "/api/v1/fleet", timeout=5).json()["cold_start_seconds"] == pytest.approx(cold)
 
 

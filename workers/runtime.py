@@ -193,13 +193,13 @@ class WorkerRuntime:
         self._checkpoints_read = time.monotonic()
         self.checkpoints = checkpoint_names(nodes)
 
-    def _cold_start_seconds(self) -> float | None:
-        """Seconds this GPU took to come up: process start → ComfyUI answered, plus its first
-        model load; None until both are known (the fleet keeps its last value meanwhile). The
-        load is the first cold job's GPU time less what the warm speed model predicts for it;
-        until that workflow has a warm measurement, the whole cold job (an upper bound)."""
+    def _model_load_seconds(self) -> float | None:
+        """What this GPU's first model load took: the first cold job's GPU time less what the warm
+        speed model predicts for it (until that workflow has a warm measurement, the whole cold
+        job: an upper bound); None before any cold job. Dispatch charges it to a job whose
+        checkpoint is not the one loaded, and it is the second part of the cold start."""
         with self._lock:
-            if self._ready_seconds is None or self._first_cold_job is None:
+            if self._first_cold_job is None:
                 return None
             workflow, cost, seconds = self._first_cold_job
             model = self._speed.get(workflow)
@@ -207,7 +207,15 @@ class WorkerRuntime:
             if model is not None and model.jobs:
                 rate = model.estimate()
                 warm = rate["seconds_per_prompt"] + cost * rate["seconds_per_unit"]
-            return round(self._ready_seconds + max(seconds - warm, 0.0), 3)
+            return round(max(seconds - warm, 0.0), 3)
+
+    def _cold_start_seconds(self) -> float | None:
+        """Seconds this GPU took to come up: process start → ComfyUI answered, plus its first
+        model load; None until both are known (the fleet keeps its last value meanwhile)."""
+        load = self._model_load_seconds()
+        if self._ready_seconds is None or load is None:
+            return None
+        return round(self._ready_seconds + load, 3)
 
     def probe_comfyui(self) -> None:
         """Ask ComfyUI how it is: its queue, its checkpoints and (when no NVIDIA source answers)
@@ -257,6 +265,7 @@ class WorkerRuntime:
             "gpu": gpu.as_dict() if gpu is not None else None, "host_stats": host_stats().as_dict(),
             "checkpoint": checkpoint, "checkpoints": self.checkpoints,
             "rates": rates, "started_at": self.started_at, "cold_start_seconds": self._cold_start_seconds(),
+            "checkpoint_load_seconds": self._model_load_seconds(),
         }
 
     def publish_heartbeat(self) -> None:
