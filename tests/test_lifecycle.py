@@ -213,15 +213,21 @@ def test_transitions_in_one_round_trip_decide_as_one_by_one(redis_server):
     assert lifecycle.state_of(store.get(theirs)) == State.RUNNING
 
 
+def _handed_job(store: TaskStore) -> str:
+    """A job on gpu.a.0, handed to worker w1."""
+    task_id = str(uuid.uuid4())
+    store.create({"task_id": task_id, "workflow": "w", "queue": "gpu.a.0", "owner": "o", "params": {},
+                  "created_at": "2026-01-01T00:00:00Z"}, {"graph": {}})
+    store.apply("hand", task_id, queue="gpu.a.0", owner="o", instance="w1", fields={"worker": "w1"})
+    return task_id
+
+
 def test_a_cancel_of_a_handed_job_flags_it_and_tells_its_worker(redis_server):
     """TaskStore.cancel's short way (the record says a worker has it), also when Redis forgot
     the script; the last event id is where DELETE starts waiting."""
     client = redis.Redis.from_url(redis_server.url)
     store = TaskStore(client, 3600)
-    task_id = str(uuid.uuid4())
-    store.create({"task_id": task_id, "workflow": "w", "queue": "gpu.a.0", "owner": "o", "params": {},
-                  "created_at": "2026-01-01T00:00:00Z"}, {"graph": {}})
-    store.apply("hand", task_id, queue="gpu.a.0", owner="o", instance="w1", fields={"worker": "w1"})
+    task_id = _handed_job(store)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.CANCEL_CHANNEL)
     client.script_flush()
@@ -237,10 +243,7 @@ def test_a_cancel_that_finds_the_job_ended_tells_no_worker(redis_server):
     is refused and nothing is published (the script publishes only when the flag is set)."""
     client = redis.Redis.from_url(redis_server.url)
     store = TaskStore(client, 3600)
-    task_id = str(uuid.uuid4())
-    store.create({"task_id": task_id, "workflow": "w", "queue": "gpu.a.0", "owner": "o", "params": {},
-                  "created_at": "2026-01-01T00:00:00Z"}, {"graph": {}})
-    store.apply("hand", task_id, queue="gpu.a.0", owner="o", instance="w1", fields={"worker": "w1"})
+    task_id = _handed_job(store)
     seen = store.get(task_id)  # handed, as DELETE read it
     store.apply("start", task_id, queue="gpu.a.0", owner="o", instance="w1")
     store.apply("succeed", task_id, queue="gpu.a.0", owner="o", instance="w1")
