@@ -41,6 +41,12 @@ SCHEMAS = {
             "rates": {"type": "object", "description": "Measured seconds per cost unit "
                                                                                   "by workflow."},
             "started_at": {"type": "string"},
+            "cold_start_seconds": {"type": ["number", "null"], "description": (
+                "Its measured start: process start → its ComfyUI answered, plus its first model load (null "
+                "until both are known).")},
+            "checkpoint_load_seconds": {"type": ["number", "null"], "description": (
+                "Its measured first model load: what dispatch adds for a job whose checkpoint it does not hold "
+                "(null until measured: 15 s is assumed).")},
             "waiting": {"type": "integer", "minimum": 0, "description": "Jobs queued for it, not started."},
             "load": {"type": "number", "minimum": 0, "description": "Cost units waiting or running on it."},
         },

@@ -225,7 +225,7 @@ class WorkerRuntime:
             self._probe_since = time.monotonic()
         first_answer = False
         try:
-            queue = self.client.prompt_queue_remaining()
+            remaining = self.client.prompt_queue_remaining()
             comfy_ok = True
             if self._ready_seconds is None:
                 self._ready_seconds = max(time.time() - self._process_started, 0.0)
@@ -236,10 +236,10 @@ class WorkerRuntime:
                 self.client.wake()
             self._read_checkpoints()
         except ComfyError:
-            queue, comfy_ok = None, False
+            remaining, comfy_ok = None, False
         gpu = self.probe.read()
         with self._lock:
-            self.comfy_queue, self._comfy_ok, self._gpu, self._probe_since = queue, comfy_ok, gpu, None
+            self.comfy_queue, self._comfy_ok, self._gpu, self._probe_since = remaining, comfy_ok, gpu, None
         if first_answer:
             self._beat_now.set()  # the fleet learns at once that this GPU can take jobs
 
