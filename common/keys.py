@@ -109,6 +109,7 @@ MONITOR_LOCK = f"{PREFIX}monitor:lock"
 FLEET_IDLE_SINCE = f"{PREFIX}fleet:idle_since"  # hash: GPU queue → unix time
 FLEET_LEARNED = f"{PREFIX}fleet:learned"  # hash: cold_start_seconds, seconds_per_unit
 CELERY_UNACKED = "unacked"  # kombu's hash of delivered, unacknowledged messages (its default name)
+CELERY_UNACKED_INDEX = "unacked_index"  # kombu's sorted set: delivery tag → when it was delivered
 
 
 def celery_queue(queue: str) -> str:

@@ -334,6 +334,62 @@ def test_a_waiting_job_whose_celery_message_was_lost_is_sent_again(fleet_factory
     assert all(wait_status(fleet.url, t["task_id"], timeout=30)["status"] == "succeeded" for t in busy)
 
 
+def _hold_unacked(client, raw: bytes, queue: str, *, task_id: str | None = None, age: float = 60.0) -> str:
+    """Leave `raw` (a queue's Celery message) in kombu's unacked hash as a worker that took it
+    `age` seconds ago and never acknowledged it leaves it (killed before the hand-over, or its
+    ack refused by a Redis in the middle of an outage); `task_id`: the message is that job's."""
+    message = json.loads(raw)
+    if task_id:
+        message["headers"]["id"] = task_id
+    tag = f"held-{message['headers']['id']}"
+    message["properties"]["delivery_tag"] = tag
+    client.hset("unacked", tag, json.dumps([message, "", queue]))
+    client.zadd("unacked_index", {tag: time.time() - age})
+    return tag
+
+
+def test_a_lost_message_is_sent_again_even_beside_a_finished_jobs_unacknowledged_one(fleet_factory):
+    """A finished job's ack that a Redis outage refused stays in kombu's unacked hash for the
+    visibility timeout (hours): it must not stand in for another job's lost message, and it is
+    dropped."""
+    fleet = fleet_factory()
+    fleet.start_gpus(1, "--step-seconds", "0.05")
+    first = submit(fleet.url, job(steps=2))
+    assert wait_status(fleet.url, first["task_id"], timeout=30)["status"] == "succeeded"
+    busy = [submit(fleet.url, job(steps=60)) for _ in range(2)]  # one runs, one waits inside ComfyUI
+    waiting = submit(fleet.url, job(steps=2))
+    client = redis.Redis.from_url(fleet.redis.url)
+    wait_until(lambda: client.llen("gpu.test.0") == 1, 10, what="the third job's message in Celery's queue")
+    raw = client.lindex("gpu.test.0", 0)
+    refused = _hold_unacked(client, raw, "gpu.test.0", task_id=first["task_id"])  # the finished job's refused ack
+    assert client.lrem("gpu.test.0", 1, raw) == 1  # and the waiting job's message is lost
+    done = wait_status(fleet.url, waiting["task_id"], timeout=60)
+    assert done["status"] == "succeeded", done
+    assert [a["code"] for a in record(fleet, waiting["task_id"])["attempt_log"]] == ["message_lost"]
+    assert not client.hexists("unacked", refused) and client.zscore("unacked_index", refused) is None
+    assert all(wait_status(fleet.url, t["task_id"], timeout=30)["status"] == "succeeded" for t in busy)
+
+
+def test_a_message_a_killed_worker_held_before_the_hand_over_is_sent_again(fleet_factory):
+    """A worker killed between taking a message and handing its job over leaves the message in
+    kombu's unacked hash, restored only after the visibility timeout: the job, still waiting,
+    is sent again instead, once, and the stranded message is dropped."""
+    fleet = fleet_factory()
+    fleet.start_gpus(1, "--step-seconds", "0.05")
+    busy = [submit(fleet.url, job(steps=60)) for _ in range(2)]
+    waiting = submit(fleet.url, job(steps=2))
+    client = redis.Redis.from_url(fleet.redis.url)
+    wait_until(lambda: client.llen("gpu.test.0") == 1, 10, what="the third job's message in Celery's queue")
+    raw = client.lindex("gpu.test.0", 0)
+    stranded = _hold_unacked(client, raw, "gpu.test.0")  # what the killed worker held
+    assert client.lrem("gpu.test.0", 1, raw) == 1
+    done = wait_status(fleet.url, waiting["task_id"], timeout=60)
+    assert done["status"] == "succeeded", done
+    assert [a["code"] for a in record(fleet, waiting["task_id"])["attempt_log"]] == ["message_lost"]
+    assert not client.hexists("unacked", stranded)
+    assert all(wait_status(fleet.url, t["task_id"], timeout=30)["status"] == "succeeded" for t in busy)
+
+
 def test_a_worker_whose_comfyui_hangs_keeps_beating_and_says_so(fleet_factory):
     """Each ComfyUI call may wait COMFYUI_TIMEOUT, here twice HEARTBEAT_TTL: the heartbeat never
     waits for one. A worker whose ComfyUI froze stays alive in the fleet's eyes at every moment

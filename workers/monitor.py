@@ -62,7 +62,7 @@ class Monitor:
         queues = self.registry.known_queues()
         self.store.adopt_legacy_totals(queues)
         counts = self.store.queue_counts()
-        slack = self._unacked_untaken(counts)
+        in_hand = self._unacked_in_hand(counts)
         for queue in queues:
             beat = alive.get(queue)
             for record in filter(None, self.store.get_many(self.store.taken(queue))):
@@ -71,7 +71,7 @@ class Monitor:
             if needs_moving(beat):
                 self._move_waiting(queue)
             else:
-                self._recover_lost_messages(queue, slack, counts.get(queue, (0,))[0])
+                self._recover_lost_messages(queue, in_hand.get(queue, set()), counts.get(queue, (0,))[0])
         if self.notifier is not None:
             self._resend_owed_webhooks()
 
@@ -145,33 +145,69 @@ class Monitor:
         if moved:
             log.warning("moved %d waiting job(s) off %s", moved, queue)
 
-    def _unacked_untaken(self, counts: dict[str, tuple[int, int, int, int]]) -> int:
-        """Unacknowledged Celery messages beyond those of taken jobs (whose messages stay unacked
-        while they run): messages a worker holds but has not handed over yet, or stale ones.
-        `counts`: every queue's counters (TaskStore.queue_counts)."""
-        taken = sum(max(handed, 0) + max(running, 0) for _, handed, running, _ in counts.values())
-        return max(int(self.store.redis.hlen(keys.CELERY_UNACKED)) - taken, 0)
+    def _unacked_in_hand(self, counts: dict[str, tuple[int, int, int, int]]) -> dict[str, set[str]]:
+        """Waiting jobs whose Celery message a worker holds and is about to hand over (delivered
+        less than LOST_MESSAGE_AGE ago), by queue. `counts`: every queue's counters.
 
-    def _recover_lost_messages(self, queue: str, slack: int, waiting: int) -> None:
-        """A job waiting for its GPU whose Celery message is gone (a Redis failover can keep the
-        record and lose the message, or lose a worker's hand-over after it took the message)
-        would wait for ever: sent again. Cheap while nothing is missing: the queue's messages,
-        plus the unacknowledged ones no taken job accounts for, cover its waiting jobs, and no
-        message is read."""
+        Taken jobs' messages stay unacknowledged while they run; while kombu's unacked hash holds
+        no more than those, nothing is read. Otherwise every unacknowledged message is read, and
+        those older than LOST_MESSAGE_AGE that no taken job accounts for are dropped: an ack
+        refused during a Redis outage, or a message a killed worker had not handed over yet.
+        Kombu would restore them only after the visibility timeout (hours), and counting them
+        as present hid a waiting job whose own message was lost for as long."""
         redis = self.store.redis
-        if waiting <= 0 or redis.llen(queue) + slack >= waiting:
+        taken = sum(max(handed, 0) + max(running, 0) for _, handed, running, _ in counts.values())
+        if int(redis.hlen(keys.CELERY_UNACKED)) <= taken:
+            return {}
+        with redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.CELERY_UNACKED).zrange(keys.CELERY_UNACKED_INDEX, 0, -1, withscores=True)
+            entries, delivered = pipe.execute()
+        delivered = {_text(tag): at for tag, at in delivered}
+        held = []  # (delivery tag, task id, queue, delivered at)
+        for tag, raw in entries.items():
+            try:
+                message, _exchange, routing_key = json.loads(raw)
+                held.append((_text(tag), message["headers"]["id"], routing_key, delivered.get(_text(tag), 0.0)))
+            except (ValueError, KeyError, TypeError):
+                continue  # not a message this service sent: not ours to judge
+        cutoff = time.time() - LOST_MESSAGE_AGE
+        in_hand: dict[str, set[str]] = {}
+        stale = []
+        for (tag, task_id, queue, at), record in zip(held, self.store.get_many(t for _, t, _, _ in held)):
+            state = state_of(record) if record else None
+            if state in (State.HANDED, State.RUNNING) and record.get("queue") == queue:
+                continue  # its worker runs it; a dead one's is reconciled (common/reconcile.py)
+            if at > cutoff:
+                if state == State.WAITING and record.get("queue") == queue:
+                    in_hand.setdefault(queue, set()).add(task_id)
+                continue  # just delivered: let its worker act on it
+            stale.append(tag)
+        if stale:
+            with redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(keys.CELERY_UNACKED, *stale).zrem(keys.CELERY_UNACKED_INDEX, *stale)
+                pipe.execute()
+            log.warning("dropped %d unacknowledged Celery message(s) no worker will act on (a refused ack, or a "
+                        "message a gone worker held)", len(stale))
+        return in_hand
+
+    def _recover_lost_messages(self, queue: str, in_hand: set[str], waiting: int) -> None:
+        """A job waiting for its GPU whose Celery message is gone (a Redis failover can keep the
+        record and lose the message, or lose a worker's hand-over after it took the message; a
+        killed worker takes the message it held with it) would wait for ever: sent again. Cheap
+        while nothing is missing: the queue's messages plus the ones its worker is handing over
+        (`in_hand`, Monitor._unacked_in_hand) cover its waiting jobs, and no message is read."""
+        redis = self.store.redis
+        if waiting <= 0 or redis.llen(queue) + len(in_hand) >= waiting:
             return
         cutoff = (time.time() - LOST_MESSAGE_AGE) * 1000  # not a message in flight between two lists
         old = [m.decode() for m in redis.zrangebyscore(keys.waiting(queue), "-inf", cutoff)]
         if not old:
             return
-        present = set()
-        for raw in [*redis.lrange(queue, 0, -1), *redis.hvals(keys.CELERY_UNACKED)]:
+        present = set(in_hand)
+        for raw in redis.lrange(queue, 0, -1):
             try:
-                message = json.loads(raw)
-                message = message[0] if isinstance(message, list) else message  # unacked: [message, exchange, key]
-                present.add(message["headers"]["id"])
-            except (ValueError, KeyError, TypeError, IndexError):
+                present.add(json.loads(raw)["headers"]["id"])
+            except (ValueError, KeyError, TypeError):
                 continue
         for record in filter(None, self.store.get_many(t for t in old if t not in present)):
             if state_of(record) == State.WAITING and record.get("queue") == queue:
@@ -193,6 +229,10 @@ class Monitor:
         for (raw, _), record in zip(messages, records):
             if record is None or state_of(record) != State.WAITING or record.get("queue") != queue:
                 redis.lrem(queue, 1, raw)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def prompt_state(url: str, prompt_id: str) -> str:
