@@ -50,7 +50,7 @@ from common import keys, redis_conn
 from common.apikeys import ANONYMOUS
 from common.settings import Settings
 from common.compact import Dictionaries
-from common.task_store import decode_record
+from common.task_store import decode_record, parse_queue_counts
 from tests.support.fleet import Fleet
 from tests.support.procs import RedisServer, SimProcess, free_port, wait_until
 from tests.support.sentinel import SentinelGroup
@@ -465,6 +465,11 @@ class Chaos:
             "worker_alive": bool(beat), "worker_is_owner": bool(beat and beat.get("instance") == record.get("worker")),
             "in_worker_heartbeat": bool(beat and task_id in (beat.get("running") or [])),
             "celery_messages_waiting": messages, "celery_messages_unacked": unacked,
+            # What the monitor's lost-message check compares (workers/monitor.py): the queue's
+            # counters (waiting, handed, running), its messages, and every unacknowledged one.
+            "queue_counts": parse_queue_counts(self.redis.hgetall(keys.QUEUE_COUNTS)).get(queue) if queue else None,
+            "queue_messages": self.redis.llen(queue) if queue else 0,
+            "unacked_total": self.redis.hlen("unacked"),
             "prompt_in_simulator": (f"{run['outcome']} on :{run['port']}"
                                     + (" (that simulator restarted since)" if run["restarted_after"] else "")
                                     if run else "never reached a simulator"),
