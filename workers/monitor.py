@@ -162,12 +162,12 @@ class Monitor:
         with redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(keys.CELERY_UNACKED).zrange(keys.CELERY_UNACKED_INDEX, 0, -1, withscores=True)
             entries, delivered = pipe.execute()
-        delivered = {_text(tag): at for tag, at in delivered}
+        delivered = {tag.decode(): at for tag, at in delivered}
         held = []  # (delivery tag, task id, queue, delivered at)
         for tag, raw in entries.items():
             try:
                 message, _exchange, routing_key = json.loads(raw)
-                held.append((_text(tag), message["headers"]["id"], routing_key, delivered.get(_text(tag), 0.0)))
+                held.append((tag.decode(), message["headers"]["id"], routing_key, delivered.get(tag.decode(), 0.0)))
             except (ValueError, KeyError, TypeError):
                 continue  # not a message this service sent: not ours to judge
         cutoff = time.time() - LOST_MESSAGE_AGE
@@ -175,8 +175,10 @@ class Monitor:
         stale = []
         for (tag, task_id, queue, at), record in zip(held, self.store.get_many(t for _, t, _, _ in held)):
             state = state_of(record) if record else None
-            if state in (State.HANDED, State.RUNNING) and record.get("queue") == queue:
-                continue  # its worker runs it; a dead one's is reconciled (common/reconcile.py)
+            if state in (State.HANDED, State.RUNNING):
+                # Its worker runs it (from this queue, or drained from it by `add_consumer`); a
+                # dead worker's job is reconciled from its record (common/reconcile.py).
+                continue
             if at > cutoff:
                 if state == State.WAITING and record.get("queue") == queue:
                     in_hand.setdefault(queue, set()).add(task_id)
@@ -229,10 +231,6 @@ class Monitor:
         for (raw, _), record in zip(messages, records):
             if record is None or state_of(record) != State.WAITING or record.get("queue") != queue:
                 redis.lrem(queue, 1, raw)
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def prompt_state(url: str, prompt_id: str) -> str:
