@@ -13,6 +13,7 @@ import pytest
 import redis
 import requests
 
+from common import keys
 from tests.support.api import story, submit, wait_status
 from tests.support.procs import wait_until
 
@@ -343,8 +344,8 @@ def _hold_unacked(client, raw: bytes, queue: str, *, task_id: str | None = None,
         message["headers"]["id"] = task_id
     tag = f"held-{message['headers']['id']}"
     message["properties"]["delivery_tag"] = tag
-    client.hset("unacked", tag, json.dumps([message, "", queue]))
-    client.zadd("unacked_index", {tag: time.time() - age})
+    client.hset(keys.CELERY_UNACKED, tag, json.dumps([message, "", queue]))
+    client.zadd(keys.CELERY_UNACKED_INDEX, {tag: time.time() - age})
     return tag
 
 
@@ -366,7 +367,7 @@ def test_a_lost_message_is_sent_again_even_beside_a_finished_jobs_unacknowledged
     done = wait_status(fleet.url, waiting["task_id"], timeout=60)
     assert done["status"] == "succeeded", done
     assert [a["code"] for a in record(fleet, waiting["task_id"])["attempt_log"]] == ["message_lost"]
-    assert not client.hexists("unacked", refused) and client.zscore("unacked_index", refused) is None
+    assert not client.hexists(keys.CELERY_UNACKED, refused) and client.zscore(keys.CELERY_UNACKED_INDEX, refused) is None
     assert all(wait_status(fleet.url, t["task_id"], timeout=30)["status"] == "succeeded" for t in busy)
 
 
@@ -387,7 +388,7 @@ def test_a_waiting_job_whose_message_is_stranded_unacknowledged_is_sent_again(fl
     done = wait_status(fleet.url, waiting["task_id"], timeout=60)
     assert done["status"] == "succeeded", done
     assert [a["code"] for a in record(fleet, waiting["task_id"])["attempt_log"]] == ["message_lost"]
-    assert not client.hexists("unacked", stranded)
+    assert not client.hexists(keys.CELERY_UNACKED, stranded)
     assert all(wait_status(fleet.url, t["task_id"], timeout=30)["status"] == "succeeded" for t in busy)
 
 

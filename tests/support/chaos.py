@@ -469,7 +469,7 @@ class Chaos:
             # counters (waiting, handed, running), its messages, and every unacknowledged one.
             "queue_counts": parse_queue_counts(self.redis.hgetall(keys.QUEUE_COUNTS)).get(queue) if queue else None,
             "queue_messages": self.redis.llen(queue) if queue else 0,
-            "unacked_total": self.redis.hlen("unacked"),
+            "unacked_total": self.redis.hlen(keys.CELERY_UNACKED),
             "prompt_in_simulator": (f"{run['outcome']} on :{run['port']}"
                                     + (" (that simulator restarted since)" if run["restarted_after"] else "")
                                     if run else "never reached a simulator"),
