@@ -30,11 +30,12 @@ def epoch(iso: str) -> float:
 
 
 def follow(base: str, task_id: str, out: list) -> threading.Thread:
-    """Read a job's event stream in the background: (event, data, arrival time) each."""
+    """Read a job's event stream in the background: (event, data, arrival time, id) each; the id
+    is None on a queued frame that only says the job's place in line changed."""
     def read():
         response = requests.get(f"{base}/api/v1/tasks/{task_id}/events", stream=True, timeout=60)
         for event in sseclient.SSEClient(response).events():
-            out.append((event.event, json.loads(event.data), time.time()))
+            out.append((event.event, json.loads(event.data), time.time(), event.id or None))
         response.close()
     thread = threading.Thread(target=read, daemon=True)
     thread.start()
@@ -76,7 +77,7 @@ def test_two_gpus_four_long_jobs_two_run_and_two_wait_inside_comfyui(fleet_facto
         assert sorted(d["gpu"] for d in waiting) == sorted(d["gpu"] for d in running) == ["gpu.test.0", "gpu.test.1"]
         for doc in waiting:
             assert doc["queue_position"] == 1 and doc["progress"] is None and doc["started_at"] is None, doc
-            assert not any(kind == "started" for kind, _, _ in streams[doc["task_id"]]), "started before ComfyUI did"
+            assert not any(kind == "started" for kind, *_ in streams[doc["task_id"]]), "started before ComfyUI did"
         metrics = requests.get(fleet.url + "/metrics", timeout=5).text
         assert 'comfy_jobs_running{queue="gpu.test.0"} 1.0' in metrics
         assert 'comfy_jobs_running{queue="gpu.test.1"} 1.0' in metrics
@@ -102,12 +103,19 @@ def test_two_gpus_four_long_jobs_two_run_and_two_wait_inside_comfyui(fleet_facto
             record = fleet_record(fleet, doc["task_id"])
             comfy_start = started_by_prompt[record["prompt_id"]]
             assert epoch(doc["started_at"]) >= comfy_start - 0.002, doc
-            kinds = [kind for kind, _, _ in streams[doc["task_id"]]]
+            stream = streams[doc["task_id"]]
+            # The job's log: submitted, handed to its GPU, started, ..., its end. Between them the
+            # stream may say, without an id, that its place in line changed (a neighbour cancelled
+            # ahead of it turns it next before ComfyUI starts it): queued still, never later.
+            logged = [(kind, data) for kind, data, _, event_id in stream if event_id]
+            kinds = [kind for kind, _ in logged]
             assert kinds[:3] == ["queued", "queued", "started"] and kinds[-1] == doc["status"], (
-                doc["task_id"], [t["task_id"] for t in tasks], streams[doc["task_id"]][:5])
-            handed = streams[doc["task_id"]][1]
-            assert handed[1]["gpu"] == doc["gpu"]
-            started_event = next(at for kind, _, at in streams[doc["task_id"]] if kind == "started")
+                doc["task_id"], [t["task_id"] for t in tasks], stream[:5])
+            assert logged[1][1]["gpu"] == doc["gpu"]
+            first_started = [kind for kind, *_ in stream].index("started")
+            assert all(kind == "queued" for kind, _, _, event_id in stream[:first_started]), stream[:5]
+            assert not any(kind == "queued" for kind, *_ in stream[first_started:]), stream
+            started_event = next(at for kind, _, at, _ in stream if kind == "started")
             assert started_event >= comfy_start, (doc["task_id"], started_event, comfy_start)
             started_hook = [at for kind, at in hooks[doc["task_id"]] if kind == "task.started"]
             assert len(started_hook) == 1 and started_hook[0] >= comfy_start - 0.01, hooks[doc["task_id"]]
