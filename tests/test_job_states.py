@@ -113,7 +113,7 @@ def test_two_gpus_four_long_jobs_two_run_and_two_wait_inside_comfyui(fleet_facto
                 doc["task_id"], [t["task_id"] for t in tasks], stream[:5])
             assert logged[1][1]["gpu"] == doc["gpu"]
             first_started = [kind for kind, *_ in stream].index("started")
-            assert all(kind == "queued" for kind, _, _, event_id in stream[:first_started]), stream[:5]
+            assert all(kind == "queued" for kind, *_ in stream[:first_started]), stream[:5]
             assert not any(kind == "queued" for kind, *_ in stream[first_started:]), stream
             started_event = next(at for kind, _, at, _ in stream if kind == "started")
             assert started_event >= comfy_start, (doc["task_id"], started_event, comfy_start)
