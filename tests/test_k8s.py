@@ -258,24 +258,41 @@ def test_prestop_drains_the_worker_and_the_waiting_job_moves(fleet_factory):
     fleet.start_api()
     jobs = [submit(fleet.url, {"workflow": "sdxl", "prompt": f"job {i}", "width": 256, "height": 256, "steps": 20})
             for i in range(3)]  # 3 s each: one runs, one waits inside ComfyUI, one in Celery
-    wait_status(fleet.url, jobs[0]["task_id"], statuses=("running",), timeout=20)
+
+    def doc(job: dict) -> dict:
+        return requests.get(f"{fleet.url}/api/v1/tasks/{job['task_id']}", timeout=5).json()
+
+    # Worker A takes the first two at once, and either may reach ComfyUI first. GPU A freezes
+    # mid-run until the drain has begun, so the third job is still in Celery when the hook runs,
+    # however long worker B takes to start on a loaded host.
+    wait_until(lambda: any(doc(job)["status"] == "running" for job in jobs[:2]), 20, what="a job running on GPU A")
+    sim_a.faults(stall=True)
     fleet.add_worker(sim_b, queue="gpu.test.1")
     fleet.wait_workers(2)
+    assert sorted((d["status"], d["gpu"]) for d in map(doc, jobs[:2])) == [
+        ("queued", "gpu.test.0"), ("running", "gpu.test.0")]
+    assert (doc(jobs[2])["status"], doc(jobs[2])["gpu"]) == ("queued", None)
 
     [worker_pid] = _children(a.proc.pid)  # the namespace's PID 1, seen from here
     hook = container(pod("comfy-gpu"), "worker")["lifecycle"]["preStop"]["exec"]["command"]
-    started = time.monotonic()
-    ran = subprocess.run(["nsenter", "--target", str(worker_pid), "--pid", "--mount", *hook], timeout=120,
-                         capture_output=True, text=True)
-    took = time.monotonic() - started
+    ran = subprocess.Popen(["nsenter", "--target", str(worker_pid), "--pid", "--mount", *hook],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: doc(jobs[2])["gpu"] == "gpu.test.1", 30, what="the waiting job moved to GPU B")
+        assert ran.poll() is None, "the hook ended while its worker's prompts were still inside ComfyUI"
+    finally:
+        sim_a.faults(stall=False)
+    released = time.monotonic()
+    _, stderr = ran.communicate(timeout=120)
+    took = time.monotonic() - released
     # When a PID namespace's init exits, the kernel kills what is left in it, the hook included
     # (in a pod: the container stops): either way the hook lasted until the worker had exited.
-    assert ran.returncode in (0, -9), (ran.returncode, ran.stderr)
+    assert ran.returncode in (0, -9), (ran.returncode, stderr)
     assert a.proc.wait(10) is not None
 
     docs = [wait_status(fleet.url, job["task_id"], timeout=30) for job in jobs]
     assert [d["status"] for d in docs] == ["succeeded"] * 3, docs
-    finished = [requests.get(f"{fleet.url}/api/v1/tasks/{d['task_id']}", timeout=5).json() for d in docs]
+    finished = [doc(d) for d in docs]
     assert [d["gpu"] for d in finished] == ["gpu.test.0", "gpu.test.0", "gpu.test.1"]  # the drained GPU kept two
-    assert took >= 3.0  # it waited for the prompts inside ComfyUI, not only for the signal
+    assert took >= 3.0  # it waited for the prompt still queued inside ComfyUI (3 s), not only for the signal
     wait_until(lambda: not a.alive(), 5, what="worker A's namespace gone")
