@@ -271,7 +271,8 @@ def test_prestop_drains_the_worker_and_the_waiting_job_moves(fleet_factory):
     fleet.wait_workers(2)
     assert sorted((d["status"], d["gpu"]) for d in map(doc, jobs[:2])) == [
         ("queued", "gpu.test.0"), ("running", "gpu.test.0")]
-    assert (doc(jobs[2])["status"], doc(jobs[2])["gpu"]) == ("queued", None)
+    waiting = doc(jobs[2])
+    assert (waiting["status"], waiting["gpu"]) == ("queued", None), waiting
 
     [worker_pid] = _children(a.proc.pid)  # the namespace's PID 1, seen from here
     hook = container(pod("comfy-gpu"), "worker")["lifecycle"]["preStop"]["exec"]["command"]

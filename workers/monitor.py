@@ -165,9 +165,10 @@ class Monitor:
         delivered = {tag.decode(): at for tag, at in delivered}
         held = []  # (delivery tag, task id, queue, delivered at)
         for tag, raw in entries.items():
+            tag = tag.decode()
             try:
                 message, _exchange, routing_key = json.loads(raw)
-                held.append((tag.decode(), message["headers"]["id"], routing_key, delivered.get(tag.decode(), 0.0)))
+                held.append((tag, message["headers"]["id"], routing_key, delivered.get(tag, 0.0)))
             except (ValueError, KeyError, TypeError):
                 continue  # not a message this service sent: not ours to judge
         cutoff = time.time() - LOST_MESSAGE_AGE
@@ -199,14 +200,14 @@ class Monitor:
         while nothing is missing: the queue's messages plus the ones its worker is handing over
         (`in_hand`, Monitor._unacked_in_hand) cover its waiting jobs, and no message is read."""
         redis = self.store.redis
-        if waiting <= 0 or redis.llen(queue) + len(in_hand) >= waiting:
+        if waiting <= 0 or redis.llen(keys.celery_queue(queue)) + len(in_hand) >= waiting:
             return
         cutoff = (time.time() - LOST_MESSAGE_AGE) * 1000  # not a message in flight between two lists
         old = [m.decode() for m in redis.zrangebyscore(keys.waiting(queue), "-inf", cutoff)]
         if not old:
             return
         present = set(in_hand)
-        for raw in redis.lrange(queue, 0, -1):
+        for raw in redis.lrange(keys.celery_queue(queue), 0, -1):
             try:
                 present.add(json.loads(raw)["headers"]["id"])
             except (ValueError, KeyError, TypeError):
@@ -222,7 +223,7 @@ class Monitor:
         """Drop Celery messages in `queue` whose job no longer waits there (moved, cancelled, done)."""
         redis = self.store.redis
         messages = []
-        for raw in redis.lrange(queue, 0, -1):
+        for raw in redis.lrange(keys.celery_queue(queue), 0, -1):
             try:
                 messages.append((raw, json.loads(raw)["headers"]["id"]))
             except (ValueError, KeyError, TypeError):
@@ -230,7 +231,7 @@ class Monitor:
         records = self.store.get_many(task_id for _, task_id in messages)  # one round trip for all
         for (raw, _), record in zip(messages, records):
             if record is None or state_of(record) != State.WAITING or record.get("queue") != queue:
-                redis.lrem(queue, 1, raw)
+                redis.lrem(keys.celery_queue(queue), 1, raw)
 
 
 def prompt_state(url: str, prompt_id: str) -> str:

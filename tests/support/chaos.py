@@ -455,7 +455,7 @@ class Chaos:
         queue, prompt = record.get("queue"), record.get("prompt_id")
         beat_raw = self.redis.hget(keys.HEARTBEATS, queue) if queue else None
         beat = json.loads(beat_raw) if beat_raw else None
-        messages = sum(task_id in m.decode(errors="replace") for m in self.redis.lrange(queue, 0, -1)) if queue else 0
+        messages = sum(task_id in m.decode(errors="replace") for m in self.redis.lrange(keys.celery_queue(queue), 0, -1)) if queue else 0
         unacked = sum(task_id in v.decode(errors="replace") for v in self.redis.hvals("unacked"))
         run = next((r for r in runs if r["prompt_id"] == prompt), None)
         return {
@@ -468,7 +468,7 @@ class Chaos:
             # What the monitor's lost-message check compares (workers/monitor.py): the queue's
             # counters (waiting, handed, running), its messages, and every unacknowledged one.
             "queue_counts": parse_queue_counts(self.redis.hgetall(keys.QUEUE_COUNTS)).get(queue) if queue else None,
-            "queue_messages": self.redis.llen(queue) if queue else 0,
+            "queue_messages": self.redis.llen(keys.celery_queue(queue)) if queue else 0,
             "unacked_total": self.redis.hlen(keys.CELERY_UNACKED),
             "prompt_in_simulator": (f"{run['outcome']} on :{run['port']}"
                                     + (" (that simulator restarted since)" if run["restarted_after"] else "")
